@@ -1,0 +1,71 @@
+//! `provider-proxy`: parses flags and env, wires a role together. No logic lives here.
+
+mod check;
+mod settings;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use settings::{CheckArgs, LogArgs, SidecarArgs};
+
+/// Per-provider outbound proxies (HTTP, HTTPS, SOCKS5, SOCKS4) for AI APIs, Kubernetes-native.
+///
+/// Apps call http://127.0.0.1:15080/<provider>/<path>; the sidecar forwards to that
+/// provider's upstream through the provider's proxy.
+#[derive(Parser)]
+#[command(
+    name = "provider-proxy",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the forwarding sidecar (standalone: --config reads manifests from disk).
+    Sidecar(SidecarArgs),
+    /// Test the connection to each provider through its proxy, like the controller's probe.
+    Check(CheckArgs),
+    /// Print the ProviderProxy CustomResourceDefinition as YAML.
+    Crd,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = settings::init_logging(&cli.log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Crd => provider_proxy_api::crd_yaml()
+            .map(|y| print!("{y}"))
+            .map_err(|e| e.to_string()),
+        Command::Sidecar(args) => runtime().and_then(|rt| rt.block_on(settings::run_sidecar(args))),
+        Command::Check(args) => match runtime().and_then(|rt| rt.block_on(check::run(args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}

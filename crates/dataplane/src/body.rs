@@ -1,0 +1,233 @@
+//! Body wrappers on the forwarding path.
+//!
+//! - [`OnceBody`]: the client's request body, handed to the first attempt lazily. If that
+//!   attempt fails before polling it (the connection never got established), the body is
+//!   still in its slot and a fallback attempt may take it; once polled, it is gone, which is
+//!   exactly the rule "fall back only before any request byte went out".
+//! - [`ObservedBody`]: the upstream's response body on its way to the client: enforces the
+//!   body timeout (longest silence between chunks), counts bytes, and runs a completion
+//!   hook once (the request log line and metrics), whether the body ended, failed or the
+//!   client went away.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::ErrorClass;
+use crate::pool::BoxError;
+
+/// The shared slot a request body waits in until an attempt takes it.
+#[derive(Clone)]
+pub struct BodySlot {
+    slot: Arc<Mutex<Option<Incoming>>>,
+    sent: Arc<AtomicU64>,
+}
+
+impl BodySlot {
+    pub fn new(body: Incoming) -> Self {
+        Self {
+            slot: Arc::new(Mutex::new(Some(body))),
+            sent: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A body for one attempt. It takes the request body on first poll.
+    pub fn attempt(&self) -> OnceBody {
+        let (hint, end) = match self.slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(b) => (b.size_hint(), b.is_end_stream()),
+            None => (SizeHint::with_exact(0), true),
+        };
+        OnceBody {
+            state: State::Waiting(self.slot.clone()),
+            hint,
+            end,
+            sent: self.sent.clone(),
+        }
+    }
+
+    /// Whether no attempt has polled the body yet: only then may another attempt be made.
+    pub fn untouched(&self) -> bool {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+enum State {
+    Waiting(Arc<Mutex<Option<Incoming>>>),
+    Taken(Incoming),
+    Gone,
+}
+
+pub struct OnceBody {
+    state: State,
+    hint: SizeHint,
+    end: bool,
+    sent: Arc<AtomicU64>,
+}
+
+impl Body for OnceBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let State::Waiting(slot) = &this.state {
+            let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            this.state = match taken {
+                Some(b) => State::Taken(b),
+                None => State::Gone,
+            };
+        }
+        match &mut this.state {
+            State::Taken(b) => match ready!(Pin::new(b).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        this.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+                None => Poll::Ready(None),
+            },
+            State::Gone => Poll::Ready(Some(Err(
+                "request body already consumed by an earlier attempt".into(),
+            ))),
+            State::Waiting(_) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Taken(b) => b.is_end_stream(),
+            _ => self.end,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Taken(b) => b.size_hint(),
+            _ => self.hint,
+        }
+    }
+}
+
+/// How a response body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Complete,
+    Failed(ErrorClass),
+    /// The client went away before the end; the upstream request was cancelled.
+    ClientGone,
+}
+
+/// Called once when the response body is over.
+pub type OnFinish = Box<dyn FnOnce(Outcome, u64) + Send>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamError(pub String);
+
+pub struct ObservedBody {
+    inner: Incoming,
+    body_timeout: Duration,
+    silence: Pin<Box<Sleep>>,
+    bytes: u64,
+    on_finish: Option<OnFinish>,
+}
+
+impl ObservedBody {
+    pub fn new(inner: Incoming, body_timeout: Duration, on_finish: OnFinish) -> Self {
+        Self {
+            inner,
+            body_timeout,
+            silence: Box::pin(tokio::time::sleep(body_timeout)),
+            bytes: 0,
+            on_finish: Some(on_finish),
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(f) = self.on_finish.take() {
+            f(outcome, self.bytes);
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                let deadline = Instant::now() + this.body_timeout;
+                this.silence.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let class = if e.is_timeout() {
+                    ErrorClass::BodyTimeout
+                } else {
+                    ErrorClass::UpstreamReset
+                };
+                this.finish(Outcome::Failed(class));
+                Poll::Ready(Some(Err(Box::new(StreamError(format!(
+                    "upstream body failed: {e}"
+                ))))))
+            }
+            Poll::Ready(None) => {
+                this.finish(Outcome::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                ready!(this.silence.as_mut().poll(cx));
+                this.finish(Outcome::Failed(ErrorClass::BodyTimeout));
+                Poll::Ready(Some(Err(Box::new(StreamError(format!(
+                    "upstream sent nothing for {} ms (body timeout)",
+                    this.body_timeout.as_millis()
+                ))))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.finish(Outcome::Complete);
+        } else {
+            self.finish(Outcome::ClientGone);
+        }
+    }
+}

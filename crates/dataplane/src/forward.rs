@@ -1,0 +1,686 @@
+//! The forwarder: `/<provider>/<rest>` → the provider's upstream, through its proxy, with
+//! fallback, timeouts, streaming, one log line and metrics per request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use provider_proxy_api::{Provider, ProxyScheme, Snapshot, UpstreamUrl};
+
+use crate::body::{BodySlot, ObservedBody, Outcome};
+use crate::config::ConfigStore;
+use crate::error::{ConnectError, ErrorClass};
+use crate::metrics::Metrics;
+use crate::pool::{AgentLease, AgentPool, Path};
+
+/// Response header telling the caller which way the request went.
+pub const ROUTE_HEADER: &str = "x-provider-proxy-route";
+
+/// The way a request reached its upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Proxy,
+    Direct,
+    Fallback,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proxy => "proxy",
+            Self::Direct => "direct",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+/// The sidecar's response body: a short JSON error, or the upstream's stream.
+pub enum ResponseBody {
+    Full(Full<Bytes>),
+    Stream(ObservedBody),
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = crate::pool::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Full(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+            Self::Stream(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(b) => b.is_end_stream(),
+            Self::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Full(b) => b.size_hint(),
+            Self::Stream(b) => b.size_hint(),
+        }
+    }
+}
+
+pub struct Forwarder {
+    config: Arc<ConfigStore>,
+    pool: Arc<AgentPool>,
+    metrics: Arc<Metrics>,
+}
+
+/// What one attempt produced.
+enum Attempt {
+    Ok(Response<Incoming>, AgentLease),
+    /// Failed before the request went out: another path may be tried.
+    NotSent(ConnectError),
+    /// Failed after (part of) the request went out, or timed out waiting for headers.
+    Failed(ErrorClass, String),
+}
+
+impl Forwarder {
+    pub fn new(config: Arc<ConfigStore>, pool: Arc<AgentPool>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            pool,
+            metrics,
+        }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        // No open proxy: only origin-form requests to a provider prefix are served.
+        if req.method() == Method::CONNECT || req.uri().scheme().is_some() {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": {"type": "not_a_forward_proxy",
+                    "message": "this sidecar serves /<provider>/<path> only; CONNECT and absolute-form requests are refused"}}),
+            );
+        }
+        let snapshot = self.config.snapshot();
+        let path = req.uri().path();
+        let (name, rest) = split_provider(path);
+        let Some(provider) = snapshot.provider(name).cloned() else {
+            return self.unknown_provider(&snapshot, name);
+        };
+        let method = req.method().clone();
+        let log_path = rest.to_owned();
+        let upstream_uri = match upstream_uri(&provider.upstream, rest, req.uri().query()) {
+            Ok(u) => u,
+            Err(m) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": {"type": "bad_request", "provider": provider.name, "message": m}}),
+                );
+            }
+        };
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        let slot = BodySlot::new(body);
+        let in_flight = self.metrics.in_flight.with_label_values(&[&provider.name]);
+        in_flight.inc();
+
+        let mut route = if provider.proxy.is_some() {
+            Route::Proxy
+        } else {
+            Route::Direct
+        };
+        let mut fallback_cause = None;
+        let mut attempt = self
+            .attempt(
+                &provider,
+                route_path(route),
+                &parts.method,
+                &upstream_uri,
+                &parts.headers,
+                &slot,
+            )
+            .await;
+        if let Attempt::NotSent(e) = &attempt
+            && route == Route::Proxy
+        {
+            self.metrics
+                .proxy_failures
+                .with_label_values(&[&provider.name, e.class.as_str()])
+                .inc();
+            if provider.fallback_to_direct && e.class.proxy_path_failure() && slot.untouched() {
+                tracing::warn!(
+                    provider = %provider.name,
+                    proxy = %provider.proxy_display(),
+                    class = e.class.as_str(),
+                    error = %e,
+                    "proxy failed; falling back to a direct connection"
+                );
+                self.metrics
+                    .fallbacks
+                    .with_label_values(&[&provider.name, e.class.as_str()])
+                    .inc();
+                fallback_cause = Some(e.class);
+                route = Route::Fallback;
+                attempt = self
+                    .attempt(
+                        &provider,
+                        Path::Direct,
+                        &parts.method,
+                        &upstream_uri,
+                        &parts.headers,
+                        &slot,
+                    )
+                    .await;
+            }
+        }
+
+        let status_and_log =
+            |status: StatusCode, class: Option<ErrorClass>, protocol: &str, bytes: u64| {
+                self.log_request(
+                    &provider,
+                    &method,
+                    &log_path,
+                    status,
+                    route,
+                    fallback_cause,
+                    class,
+                    protocol,
+                    bytes,
+                    slot.bytes_sent(),
+                    started,
+                );
+            };
+
+        match attempt {
+            Attempt::Ok(resp, lease) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                let protocol = if rparts.version == Version::HTTP_2 {
+                    "h2"
+                } else {
+                    "h1"
+                };
+                strip_hop_by_hop(&mut rparts.headers);
+                rparts
+                    .headers
+                    .insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
+                let status = rparts.status;
+                self.metrics
+                    .first_byte
+                    .with_label_values(&[&provider.name, route.as_str()])
+                    .observe(started.elapsed().as_secs_f64());
+                // Everything the log line needs moves into the completion hook, which runs
+                // once when the body ends, fails, or the client goes away.
+                let metrics = self.metrics.clone();
+                let pool = self.pool.clone();
+                let provider2 = provider.clone();
+                let sent = slot.clone();
+                let in_flight2 = in_flight.clone();
+                let on_finish = Box::new(move |outcome: Outcome, bytes: u64| {
+                    let class = match outcome {
+                        Outcome::Failed(c) => Some(c),
+                        _ => None,
+                    };
+                    if let Outcome::Failed(ErrorClass::Http2) = outcome {
+                        pool.mark_unhealthy(lease.agent());
+                    }
+                    drop(lease);
+                    in_flight2.dec();
+                    let status_class = status_class(status);
+                    metrics
+                        .requests
+                        .with_label_values(&[
+                            &provider2.name,
+                            route.as_str(),
+                            status_class,
+                            protocol,
+                        ])
+                        .inc();
+                    metrics
+                        .request_duration
+                        .with_label_values(&[&provider2.name, route.as_str()])
+                        .observe(started.elapsed().as_secs_f64());
+                    metrics
+                        .response_bytes
+                        .with_label_values(&[&provider2.name])
+                        .inc_by(bytes);
+                    metrics
+                        .request_bytes
+                        .with_label_values(&[&provider2.name])
+                        .inc_by(sent.bytes_sent());
+                    log_line(
+                        &provider2,
+                        &method,
+                        &log_path,
+                        status,
+                        route,
+                        fallback_cause,
+                        class,
+                        outcome == Outcome::ClientGone,
+                        protocol,
+                        bytes,
+                        sent.bytes_sent(),
+                        started,
+                    );
+                });
+                let body = ObservedBody::new(rbody, provider.timeouts.body, on_finish);
+                Response::from_parts(rparts, ResponseBody::Stream(body))
+            }
+            Attempt::NotSent(e) => {
+                in_flight.dec();
+                let (status, kind) = match (route, e.class) {
+                    (Route::Proxy, c) if c.proxy_path_failure() => {
+                        self.metrics
+                            .unavailable
+                            .with_label_values(&[&provider.name, e.class.as_str()])
+                            .inc();
+                        (StatusCode::SERVICE_UNAVAILABLE, "proxy_unavailable")
+                    }
+                    (_, ErrorClass::ConnectTimeout) => {
+                        (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+                    }
+                    _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+                };
+                self.count(&provider, route, status, "none");
+                status_and_log(status, Some(e.class), "none", 0);
+                self.error_response(
+                    &provider,
+                    route,
+                    status,
+                    kind,
+                    e.class,
+                    &e.message,
+                    fallback_cause,
+                )
+            }
+            Attempt::Failed(class, message) => {
+                in_flight.dec();
+                let status = match class {
+                    ErrorClass::HeadersTimeout => StatusCode::GATEWAY_TIMEOUT,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                self.count(&provider, route, status, "none");
+                status_and_log(status, Some(class), "none", 0);
+                self.error_response(
+                    &provider,
+                    route,
+                    status,
+                    "upstream_error",
+                    class,
+                    &message,
+                    fallback_cause,
+                )
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        provider: &Arc<Provider>,
+        path: Path,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        slot: &BodySlot,
+    ) -> Attempt {
+        let lease = match self.pool.checkout(provider, path) {
+            Ok(l) => l,
+            Err(e) => return Attempt::NotSent(e),
+        };
+        let mut req = Request::new(slot.attempt().boxed_unsync());
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = headers.clone();
+        if path == Path::Proxy
+            && !provider.upstream.is_https()
+            && let Some(p) = &provider.proxy
+            && matches!(p.url.scheme(), ProxyScheme::Http | ProxyScheme::Https)
+            && let Some(auth) = crate::connector::proxy_authorization(&p.url)
+        {
+            // Absolute-form through an HTTP proxy: credentials ride on each request.
+            req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
+        }
+        let fut = lease.agent().client().request(req);
+        match tokio::time::timeout(provider.timeouts.headers, fut).await {
+            Ok(Ok(resp)) => Attempt::Ok(resp, lease),
+            Ok(Err(e)) => {
+                if let Some(ce) = find_source::<ConnectError>(&e) {
+                    if ce.class.marks_unhealthy() {
+                        self.pool.mark_unhealthy(lease.agent());
+                    }
+                    return Attempt::NotSent(ce.clone());
+                }
+                let class = if is_h2_connection_error(&e) {
+                    self.pool.mark_unhealthy(lease.agent());
+                    ErrorClass::Http2
+                } else {
+                    ErrorClass::UpstreamReset
+                };
+                if e.is_connect() {
+                    return Attempt::NotSent(ConnectError::new(
+                        ErrorClass::ConnectIo,
+                        error_chain(&e),
+                    ));
+                }
+                Attempt::Failed(
+                    class,
+                    format!("upstream request failed: {}", error_chain(&e)),
+                )
+            }
+            Err(_) => Attempt::Failed(
+                ErrorClass::HeadersTimeout,
+                format!(
+                    "no response headers within {} ms (headers timeout)",
+                    provider.timeouts.headers.as_millis()
+                ),
+            ),
+        }
+    }
+
+    fn count(&self, provider: &Provider, route: Route, status: StatusCode, protocol: &str) {
+        self.metrics
+            .requests
+            .with_label_values(&[
+                &provider.name,
+                route.as_str(),
+                status_class(status),
+                protocol,
+            ])
+            .inc();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log_request(
+        &self,
+        provider: &Provider,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        route: Route,
+        fallback: Option<ErrorClass>,
+        class: Option<ErrorClass>,
+        protocol: &str,
+        bytes: u64,
+        bytes_in: u64,
+        started: Instant,
+    ) {
+        log_line(
+            provider, method, path, status, route, fallback, class, false, protocol, bytes,
+            bytes_in, started,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn error_response(
+        &self,
+        provider: &Provider,
+        route: Route,
+        status: StatusCode,
+        kind: &str,
+        class: ErrorClass,
+        message: &str,
+        fallback: Option<ErrorClass>,
+    ) -> Response<ResponseBody> {
+        let mut body = serde_json::json!({"error": {
+            "type": kind,
+            "provider": provider.name,
+            "route": route.as_str(),
+            "proxy": provider.proxy_display(),
+            "class": class.as_str(),
+            "message": message,
+        }});
+        if let Some(f) = fallback {
+            body["error"]["fallbackFrom"] = serde_json::Value::String(f.as_str().to_owned());
+        }
+        let mut resp = json_error(status, body);
+        resp.headers_mut()
+            .insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
+        resp
+    }
+
+    fn unknown_provider(&self, snapshot: &Snapshot, name: &str) -> Response<ResponseBody> {
+        if let Some(issues) = snapshot.invalid.get(name) {
+            self.metrics
+                .requests
+                .with_label_values(&[name, "none", "5xx", "none"])
+                .inc();
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": {"type": "provider_invalid", "provider": name,
+                    "message": "the provider's configuration is invalid",
+                    "issues": issues.iter().map(|i| i.to_string()).collect::<Vec<_>>()}}),
+            );
+        }
+        self.metrics
+            .requests
+            .with_label_values(&["unknown", "none", "4xx", "none"])
+            .inc();
+        json_error(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": {"type": "unknown_provider",
+                "message": "no provider by that name; call /<provider>/<path>",
+                "providers": snapshot.providers.keys().collect::<Vec<_>>()}}),
+        )
+    }
+}
+
+fn route_path(route: Route) -> Path {
+    match route {
+        Route::Proxy => Path::Proxy,
+        _ => Path::Direct,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_line(
+    provider: &Provider,
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    route: Route,
+    fallback: Option<ErrorClass>,
+    class: Option<ErrorClass>,
+    client_gone: bool,
+    protocol: &str,
+    bytes_out: u64,
+    bytes_in: u64,
+    started: Instant,
+) {
+    tracing::info!(
+        target: "provider_proxy::access",
+        provider = %provider.name,
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_in,
+        bytes_out,
+        route = route.as_str(),
+        used_proxy = route == Route::Proxy,
+        fallback = fallback.is_some(),
+        fallback_cause = fallback.map(|c| c.as_str()),
+        proxy = %provider.proxy_display(),
+        protocol,
+        error = class.map(|c| c.as_str()),
+        client_gone,
+        "request"
+    );
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn json_error(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::Full(Full::new(Bytes::from(body.to_string()))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// `/anthropic/v1/messages` → (`anthropic`, `/v1/messages`).
+pub fn split_provider(path: &str) -> (&str, &str) {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    match trimmed.find('/') {
+        Some(i) => (&trimmed[..i], &trimmed[i..]),
+        None => (trimmed, ""),
+    }
+}
+
+/// `<upstream><rest>?<query>`, absolute, for the hyper client.
+pub fn upstream_uri(
+    upstream: &UpstreamUrl,
+    rest: &str,
+    query: Option<&str>,
+) -> Result<Uri, String> {
+    let scheme = if upstream.is_https() { "https" } else { "http" };
+    let mut s =
+        String::with_capacity(16 + upstream.host.len() + upstream.base_path.len() + rest.len());
+    s.push_str(scheme);
+    s.push_str("://");
+    s.push_str(&upstream.authority());
+    s.push_str(&upstream.base_path);
+    if rest.is_empty() {
+        s.push('/');
+    } else {
+        s.push_str(rest);
+    }
+    if let Some(q) = query {
+        s.push('?');
+        s.push_str(q);
+    }
+    s.parse::<Uri>()
+        .map_err(|e| format!("cannot build the upstream URL: {e}"))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus any the `Connection` header names. The
+/// client's own `Proxy-Authorization` never leaves the pod.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(h);
+    }
+}
+
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn is_h2_connection_error(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            // GOAWAY / connection-level protocol errors surface as non-stream errors.
+            return h.to_string().contains("connection error") || h.to_string().contains("GOAWAY");
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_prefix() {
+        assert_eq!(
+            split_provider("/anthropic/v1/messages"),
+            ("anthropic", "/v1/messages")
+        );
+        assert_eq!(split_provider("/anthropic"), ("anthropic", ""));
+        assert_eq!(split_provider("/"), ("", ""));
+    }
+
+    #[test]
+    fn upstream_uris_keep_base_path_and_query() {
+        let u = UpstreamUrl::parse("https://generativelanguage.googleapis.com/v1beta").unwrap();
+        assert_eq!(
+            upstream_uri(&u, "/models/x:generate", Some("alt=sse"))
+                .unwrap()
+                .to_string(),
+            "https://generativelanguage.googleapis.com/v1beta/models/x:generate?alt=sse"
+        );
+        let u = UpstreamUrl::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            upstream_uri(&u, "", None).unwrap().to_string(),
+            "http://127.0.0.1:8080/"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.insert("x-api-key", HeaderValue::from_static("sk-test"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-api-key"], "sk-test");
+    }
+}

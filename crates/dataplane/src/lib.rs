@@ -1,0 +1,26 @@
+//! The data plane: the forwarding sidecar. It is handed [`Snapshot`]s (from files or the
+//! controller) and knows nothing of Kubernetes clients.
+//!
+//! request → [`server`] → [`forward`] (route by `/<provider>/`) → [`pool`] (agent per path)
+//! → [`connector`] (direct | HTTP CONNECT | HTTPS proxy | SOCKS5 | SOCKS4) → upstream.
+//!
+//! [`Snapshot`]: provider_proxy_api::Snapshot
+
+pub mod body;
+pub mod config;
+pub mod connector;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod pool;
+pub mod probe;
+pub mod server;
+pub mod sidecar;
+pub mod tls;
+
+pub use config::{ConfigStore, FileLoader};
+pub use error::{ConnectError, ErrorClass};
+pub use forward::{Forwarder, ROUTE_HEADER, Route};
+pub use pool::{AgentPool, PoolSettings};
+pub use sidecar::{Running, Sidecar, SidecarSettings};
+pub use tls::TrustRoots;

@@ -1,0 +1,446 @@
+//! The agent pool: one agent (a hyper client with its own connection pool and a connector
+//! for one path) per (upstream origin, proxy origin, credential/CA fingerprint, h1/h2).
+//!
+//! Unlike the reference, credentials are part of the key: two providers that log in to the
+//! same proxy as different users never share an authenticated tunnel. Agents are evicted by
+//! LRU, TTL (unused), hard lifetime, health and config change; eviction only removes an agent
+//! from the map, so requests already on it, streaming ones included, finish undisturbed and
+//! its connections close once idle.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+// tokio's clock, so TTL and lifetime can be tested on paused virtual time.
+use tokio::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use provider_proxy_api::Provider;
+
+use crate::connector::{ConnectObserver, Connector, ProxyHop};
+use crate::error::{ConnectError, ErrorClass};
+use crate::tls::TrustRoots;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type every upstream request is sent with.
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Pool limits. Defaults are the reference's, plus a hard lifetime.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    /// Most agents kept; the least recently used is evicted beyond it.
+    pub max_agents: usize,
+    /// An agent unused this long is removed.
+    pub agent_ttl: Duration,
+    /// A pooled connection idle this long is closed.
+    pub idle_timeout: Duration,
+    /// How often TTL and lifetime are checked.
+    pub sweep_interval: Duration,
+    /// After this an agent takes no new requests (fresh DNS, fresh TLS, bounded drift).
+    pub max_lifetime: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_agents: 100,
+            agent_ttl: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(30),
+            max_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Which path an agent takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    Proxy,
+    Direct,
+}
+
+/// What identifies an agent. `Debug` shows no credentials: only origins and a keyed hash.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    upstream: String,
+    proxy: Option<String>,
+    /// Keyed hash of credentials, CAs and connect timeout: anything that changes what a
+    /// connection is, without keeping the secret itself in the key.
+    fingerprint: u64,
+    h2: bool,
+}
+
+impl fmt::Debug for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PoolKey({} via {} #{:016x} {})",
+            self.upstream,
+            self.proxy.as_deref().unwrap_or("direct"),
+            self.fingerprint,
+            if self.h2 { "h2" } else { "h1" }
+        )
+    }
+}
+
+/// Why an agent left the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictReason {
+    Lru,
+    Ttl,
+    Lifetime,
+    Unhealthy,
+    Config,
+}
+
+impl EvictReason {
+    pub const ALL: [EvictReason; 5] = [
+        Self::Lru,
+        Self::Ttl,
+        Self::Lifetime,
+        Self::Unhealthy,
+        Self::Config,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lru => "lru",
+            Self::Ttl => "ttl",
+            Self::Lifetime => "lifetime",
+            Self::Unhealthy => "unhealthy",
+            Self::Config => "config",
+        }
+    }
+}
+
+/// Counters for the metrics layer.
+#[derive(Default)]
+pub struct PoolStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub unhealthy_marks: AtomicU64,
+    evictions: [AtomicU64; 5],
+}
+
+impl PoolStats {
+    pub fn evictions(&self, reason: EvictReason) -> u64 {
+        self.evictions[reason as usize].load(Ordering::Relaxed)
+    }
+    fn evicted(&self, reason: EvictReason) {
+        self.evictions[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One path to one upstream, with its own connections.
+pub struct Agent {
+    id: u64,
+    key: PoolKey,
+    client: Client<Connector, RequestBody>,
+    created: Instant,
+    last_used_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+impl Agent {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+    pub fn client(&self) -> &Client<Connector, RequestBody> {
+        &self.client
+    }
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Held while a request uses an agent, until its response body ends or is dropped.
+pub struct AgentLease {
+    agent: Arc<Agent>,
+}
+
+impl AgentLease {
+    pub fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+}
+
+impl Drop for AgentLease {
+    fn drop(&mut self) {
+        self.agent.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Agent states, for a gauge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentCounts {
+    pub active: usize,
+    pub idle: usize,
+}
+
+pub struct AgentPool {
+    agents: Mutex<HashMap<PoolKey, Arc<Agent>>>,
+    settings: PoolSettings,
+    roots: TrustRoots,
+    observer: Arc<dyn ConnectObserver>,
+    hasher: RandomState,
+    epoch: Instant,
+    next_id: AtomicU64,
+    stats: PoolStats,
+}
+
+impl AgentPool {
+    pub fn new(
+        settings: PoolSettings,
+        roots: TrustRoots,
+        observer: Arc<dyn ConnectObserver>,
+    ) -> Self {
+        Self {
+            agents: Mutex::new(HashMap::new()),
+            settings,
+            roots,
+            observer,
+            hasher: RandomState::new(),
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(1),
+            stats: PoolStats::default(),
+        }
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    pub fn stats(&self) -> &PoolStats {
+        &self.stats
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Arc<Agent>>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single
+        // inserts and removes), so a poisoned lock is still usable.
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The key of `provider`'s agent for `path`.
+    pub fn key(&self, provider: &Provider, path: Path) -> PoolKey {
+        let proxy = match path {
+            Path::Proxy => provider.proxy.as_ref(),
+            Path::Direct => None,
+        };
+        let mut h = self.hasher.build_hasher();
+        if let Some(p) = proxy {
+            p.url.to_credentialed_string().hash(&mut h);
+            p.ca.as_ref().map(|c| c.pem()).hash(&mut h);
+        }
+        provider.upstream_ca.as_ref().map(|c| c.pem()).hash(&mut h);
+        provider.timeouts.connect.hash(&mut h);
+        PoolKey {
+            upstream: provider.upstream.origin(),
+            proxy: proxy.map(|p| p.url.origin()),
+            fingerprint: h.finish(),
+            h2: provider.http2,
+        }
+    }
+
+    /// Check out the agent for `provider` along `path`, creating it if needed.
+    pub fn checkout(&self, provider: &Provider, path: Path) -> Result<AgentLease, ConnectError> {
+        let key = self.key(provider, path);
+        let now = self.now_ms();
+        let mut agents = self.lock();
+        let reusable = agents
+            .get(&key)
+            .filter(|a| a.is_healthy() && a.created.elapsed() < self.settings.max_lifetime);
+        let agent = match reusable {
+            Some(a) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                a.clone()
+            }
+            None => {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                if let Some(old) = agents.remove(&key) {
+                    let reason = if old.is_healthy() {
+                        EvictReason::Lifetime
+                    } else {
+                        EvictReason::Unhealthy
+                    };
+                    self.stats.evicted(reason);
+                }
+                let agent = Arc::new(self.build(key.clone(), provider, path)?);
+                if agents.len() >= self.settings.max_agents {
+                    self.evict_lru(&mut agents);
+                }
+                agents.insert(key, agent.clone());
+                agent
+            }
+        };
+        agent.last_used_ms.store(now, Ordering::Relaxed);
+        agent.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(AgentLease { agent })
+    }
+
+    /// Evict the least recently used agent, preferring idle ones. A busy agent can be
+    /// evicted too (the pool is never "full"): its requests finish on it regardless.
+    fn evict_lru(&self, agents: &mut HashMap<PoolKey, Arc<Agent>>) {
+        let victim = agents
+            .values()
+            .min_by_key(|a| (a.in_flight() > 0, a.last_used_ms.load(Ordering::Relaxed)))
+            .map(|a| a.key.clone());
+        if let Some(k) = victim {
+            agents.remove(&k);
+            self.stats.evicted(EvictReason::Lru);
+        }
+    }
+
+    fn build(&self, key: PoolKey, provider: &Provider, path: Path) -> Result<Agent, ConnectError> {
+        let tls_err = |class| move |m: String| ConnectError::new(class, m);
+        let upstream_tls = if provider.upstream.is_https() {
+            Some(
+                self.roots
+                    .client_config(provider.upstream_ca.as_ref(), provider.http2)
+                    .map_err(tls_err(ErrorClass::UpstreamTls))?,
+            )
+        } else {
+            None
+        };
+        let proxy = match (path, &provider.proxy) {
+            (Path::Proxy, Some(p)) => Some(ProxyHop {
+                url: p.url.clone(),
+                tls: match p.url.scheme() {
+                    provider_proxy_api::ProxyScheme::Https => Some(
+                        self.roots
+                            .client_config(p.ca.as_ref(), false)
+                            .map_err(tls_err(ErrorClass::ProxyTls))?,
+                    ),
+                    _ => None,
+                },
+            }),
+            _ => None,
+        };
+        let connector = Connector::new(
+            provider.upstream.clone(),
+            upstream_tls,
+            proxy,
+            provider.timeouts.connect,
+            self.observer.clone(),
+        )?;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(self.settings.idle_timeout)
+            .pool_max_idle_per_host(usize::MAX)
+            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+            .http2_keep_alive_while_idle(false)
+            .http2_adaptive_window(true)
+            .build(connector);
+        Ok(Agent {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            key,
+            client,
+            created: Instant::now(),
+            last_used_ms: AtomicU64::new(self.now_ms()),
+            in_flight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    /// Take `agent` out of service after a TLS or HTTP/2 connection error. Only that very
+    /// agent: if it was already replaced, the replacement is left alone.
+    pub fn mark_unhealthy(&self, agent: &Arc<Agent>) {
+        if !agent.healthy.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        self.stats.unhealthy_marks.fetch_add(1, Ordering::Relaxed);
+        let mut agents = self.lock();
+        if agents
+            .get(&agent.key)
+            .is_some_and(|a| Arc::ptr_eq(a, agent))
+        {
+            agents.remove(&agent.key);
+            self.stats.evicted(EvictReason::Unhealthy);
+        }
+    }
+
+    /// Drop every agent whose key `keep` rejects (a config change retired it).
+    pub fn retain(&self, keep: impl Fn(&PoolKey) -> bool) {
+        let mut agents = self.lock();
+        let before = agents.len();
+        agents.retain(|k, _| keep(k));
+        for _ in agents.len()..before {
+            self.stats.evicted(EvictReason::Config);
+        }
+    }
+
+    /// Remove agents unused for the TTL and agents past their lifetime.
+    pub fn sweep(&self) {
+        let now = self.now_ms();
+        let ttl = self.settings.agent_ttl.as_millis() as u64;
+        let mut agents = self.lock();
+        agents.retain(|_, a| {
+            if a.created.elapsed() >= self.settings.max_lifetime {
+                self.stats.evicted(EvictReason::Lifetime);
+                return false;
+            }
+            let idle_for = now.saturating_sub(a.last_used_ms.load(Ordering::Relaxed));
+            if a.in_flight() == 0 && idle_for >= ttl {
+                self.stats.evicted(EvictReason::Ttl);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// Run [`sweep`](Self::sweep) every sweep interval until the pool is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let every = self.settings.sweep_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(pool) => pool.sweep(),
+                    None => return,
+                }
+            }
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn counts(&self) -> AgentCounts {
+        let agents = self.lock();
+        let active = agents.values().filter(|a| a.in_flight() > 0).count();
+        AgentCounts {
+            active,
+            idle: agents.len() - active,
+        }
+    }
+
+    /// Whether `key` currently has an agent (tests, diagnostics).
+    pub fn contains(&self, key: &PoolKey) -> bool {
+        self.lock().contains_key(key)
+    }
+}

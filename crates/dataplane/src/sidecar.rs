@@ -1,0 +1,116 @@
+//! Wiring of the sidecar role: metrics, pool, config store, forwarder, and the two ports.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::ConfigStore;
+use crate::forward::Forwarder;
+use crate::metrics::Metrics;
+use crate::pool::{AgentPool, PoolSettings};
+use crate::server::{bind, serve_admin, serve_data};
+use crate::tls::TrustRoots;
+
+#[derive(Clone, Debug)]
+pub struct SidecarSettings {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub pool: PoolSettings,
+    /// How long open connections may take to finish at shutdown.
+    pub grace: Duration,
+}
+
+impl Default for SidecarSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15080)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 15090)),
+            pool: PoolSettings::default(),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The sidecar's parts. Feed `config` snapshots; `start` opens the ports.
+pub struct Sidecar {
+    pub config: Arc<ConfigStore>,
+    pub pool: Arc<AgentPool>,
+    pub metrics: Arc<Metrics>,
+    settings: SidecarSettings,
+}
+
+impl Sidecar {
+    pub fn new(settings: SidecarSettings, roots: TrustRoots) -> Self {
+        let metrics = Metrics::new();
+        let pool = Arc::new(AgentPool::new(
+            settings.pool.clone(),
+            roots,
+            metrics.clone(),
+        ));
+        metrics.register_pool(&pool);
+        let config = Arc::new(ConfigStore::new(pool.clone(), metrics.clone()));
+        Self {
+            config,
+            pool,
+            metrics,
+            settings,
+        }
+    }
+
+    /// Bind both ports and serve until [`Running::shutdown`].
+    pub async fn start(&self) -> Result<Running, String> {
+        let data = bind(self.settings.listen, "data").await?;
+        let admin = bind(self.settings.admin, "admin").await?;
+        let data_addr = data.local_addr().map_err(|e| e.to_string())?;
+        let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+        let (stop, stopped) = watch::channel(false);
+        let forwarder = Arc::new(Forwarder::new(
+            self.config.clone(),
+            self.pool.clone(),
+            self.metrics.clone(),
+        ));
+        let sweeper = self.pool.spawn_sweeper();
+        let data_task = tokio::spawn(serve_data(
+            data,
+            forwarder,
+            wait_for(stopped.clone()),
+            self.settings.grace,
+        ));
+        let admin_task = tokio::spawn(serve_admin(admin, self.config.clone(), wait_for(stopped)));
+        tracing::info!(%data_addr, %admin_addr, "sidecar listening");
+        Ok(Running {
+            data_addr,
+            admin_addr,
+            stop,
+            tasks: vec![data_task, admin_task],
+            sweeper,
+        })
+    }
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// A started sidecar.
+pub struct Running {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    sweeper: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop accepting, let open requests finish (up to the grace period), return.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.sweeper.abort();
+    }
+}

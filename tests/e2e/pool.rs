@@ -1,0 +1,187 @@
+//! The agent pool, counted at real proxies and upstreams.
+
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use provider_proxy_dataplane::PoolSettings;
+use provider_proxy_testkit::{Behavior, FaultProxy, TestPki, Upstream, UpstreamOptions};
+
+use crate::support::*;
+
+fn via_proxy(
+    name: &str,
+    upstream: &Upstream,
+    proxy: &FaultProxy,
+    secret: Option<&str>,
+    extra: &str,
+) -> String {
+    let creds = secret
+        .map(|s| format!("    credentialsSecretRef: {{name: {s}}}\n"))
+        .unwrap_or_default();
+    format!(
+        "---\napiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {{name: {name}, namespace: ai}}\nspec:\n  upstream: {}\n{extra}  proxy:\n    url: http://127.0.0.1:{}\n{creds}",
+        upstream.base_url(),
+        proxy.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_share_one_tunnel() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let proxy = FaultProxy::start(Behavior::Connect {
+        users: vec![("u".into(), PASSWORD.into())],
+    });
+    let yaml =
+        secret("login", "u", PASSWORD) + &via_proxy("p", &upstream, &proxy, Some("login"), "");
+    let sc = TestSidecar::with_config(&pki, &yaml).await;
+    for _ in 0..100 {
+        sc.post("/p/v1/messages", "{}").await.assert_ok("proxy");
+    }
+    assert_eq!(proxy.tunnels(), 1, "100 sequential requests, one tunnel");
+    assert_eq!(upstream.connections(), 1);
+    let m = sc.metrics().await;
+    assert!(m.contains("provider_proxy_pool_hits_total 99"), "{m}");
+    assert!(m.contains("provider_proxy_pool_misses_total 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_h2_requests_multiplex_on_one_connection() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls_h2(pki.clone()));
+    let proxy = FaultProxy::start(Behavior::Connect { users: vec![] });
+    let yaml = via_proxy("p", &upstream, &proxy, None, "  http2: true\n");
+    let sc = std::sync::Arc::new(TestSidecar::with_config(&pki, &yaml).await);
+    // Warm: the first request opens the connection and learns it speaks h2.
+    let r = sc.get("/p/v1/messages").await;
+    r.assert_ok("proxy");
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let sc = sc.clone();
+        tasks.push(tokio::spawn(async move {
+            sc.get("/p/v1/sse?events=3&interval_ms=20").await
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        r.assert_ok("proxy");
+        assert_eq!(r.text.matches("data:").count(), 3);
+    }
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "50 concurrent h2 streams on one connection"
+    );
+    assert_eq!(proxy.tunnels(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_logins_never_share_a_tunnel_and_rotation_applies_at_once() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let proxy = FaultProxy::start(Behavior::Connect {
+        users: vec![
+            ("alice".into(), "a-pass".into()),
+            ("bob".into(), "b-pass".into()),
+            ("bob".into(), "b-new".into()),
+        ],
+    });
+    let yaml = |bob_pass: &str| {
+        secret("alice-login", "alice", "a-pass")
+            + &secret("bob-login", "bob", bob_pass)
+            + &via_proxy("a", &upstream, &proxy, Some("alice-login"), "")
+            + &via_proxy("b", &upstream, &proxy, Some("bob-login"), "")
+    };
+    let sc = TestSidecar::with_config(&pki, &yaml("b-pass")).await;
+    for _ in 0..5 {
+        sc.get("/a/v1/messages").await.assert_ok("proxy");
+        sc.get("/b/v1/messages").await.assert_ok("proxy");
+    }
+    let mut users = proxy.tunnel_users();
+    users.sort();
+    assert_eq!(users, vec!["alice", "bob"], "one tunnel per login");
+
+    // Rotate bob's password: the very next request opens a tunnel with the new one.
+    sc.apply(&yaml("b-new"), 2);
+    sc.get("/b/v1/messages").await.assert_ok("proxy");
+    assert_eq!(proxy.tunnels(), 3);
+    let m = sc.metrics().await;
+    assert!(
+        m.contains("provider_proxy_pool_evictions_total{reason=\"config\"} 1"),
+        "{m}"
+    );
+    // Alice's agent was untouched by bob's rotation.
+    sc.get("/a/v1/messages").await.assert_ok("proxy");
+    assert_eq!(proxy.tunnels(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failure_marks_the_agent_unhealthy() {
+    let pki = pki();
+    let untrusted = std::sync::Arc::new(TestPki::new());
+    let upstream = Upstream::start(UpstreamOptions::tls(untrusted));
+    let sc = TestSidecar::with_config(&pki, &provider("p", &upstream.base_url(), None, "")).await;
+    for _ in 0..2 {
+        let r = sc.get("/p/v1/messages").await;
+        assert_eq!(r.json()["error"]["class"], "upstream_tls");
+    }
+    let m = sc.metrics().await;
+    assert!(m.contains("provider_proxy_pool_unhealthy_total 2"), "{m}");
+    assert!(
+        m.contains("provider_proxy_pool_misses_total 2"),
+        "each request built a fresh agent: {m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_sweep_ttl_lifetime_and_lru_storm() {
+    let pki = pki();
+    let upstreams: Vec<Upstream> = (0..6)
+        .map(|_| Upstream::start(UpstreamOptions::tls(pki.clone())))
+        .collect();
+    let proxy = FaultProxy::start(Behavior::Connect { users: vec![] });
+    let mut yaml = String::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        yaml += &via_proxy(&format!("p{i}"), u, &proxy, None, "");
+    }
+    let settings = PoolSettings {
+        max_agents: 2,
+        agent_ttl: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(200),
+        sweep_interval: Duration::from_millis(50),
+        max_lifetime: Duration::from_millis(300),
+    };
+    let sc = TestSidecar::start(&pki, settings).await;
+    sc.apply(&yaml, 1);
+    let req = Request::get(sc.url("/p0/v1/sse?events=40&interval_ms=50"))
+        .body(Full::default())
+        .unwrap();
+    let stream = sc.send(req).await;
+    // A storm of other providers while the stream runs: LRU evicts, sweeps run, TTL and
+    // lifetime expire — the stream's agent among them.
+    for round in 0..10 {
+        for i in 1..6 {
+            sc.get(&format!("/p{i}/v1/messages"))
+                .await
+                .assert_ok("proxy");
+        }
+        let _ = round;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let body = stream
+        .into_body()
+        .collect()
+        .await
+        .expect("stream intact")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(text.matches("data:").count(), 40, "whole stream arrived");
+    let m = sc.metrics().await;
+    assert!(
+        m.contains("provider_proxy_pool_evictions_total{reason=\"lru\"}"),
+        "{m}"
+    );
+    assert!(sc.sidecar.pool.len() <= 2);
+}
