@@ -4,6 +4,7 @@
 
 mod support;
 
+mod controller;
 mod dataplane;
 mod faults;
 mod pool;

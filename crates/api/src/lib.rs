@@ -7,12 +7,14 @@ pub mod manifest;
 pub mod proxy_url;
 pub mod resolve;
 pub mod snapshot;
+pub mod wire;
 
 pub use crd::{ProviderProxy, ProviderProxySpec, ProviderProxyStatus};
 pub use manifest::{ManifestError, Manifests};
 pub use proxy_url::{Credentials, MASK, Password, ProxyScheme, ProxyUrl, ProxyUrlError, mask_url};
 pub use resolve::{FieldIssue, Reason, SecretLookup, referenced_secrets, resolve};
 pub use snapshot::{CaBundle, Provider, ResolvedProxy, Snapshot, Timeouts, UpstreamUrl};
+pub use wire::{WireError, WireSnapshot};
 
 use kube::CustomResourceExt;
 

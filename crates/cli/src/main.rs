@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use settings::{CheckArgs, LogArgs, SidecarArgs};
+use settings::{CheckArgs, ControllerArgs, LogArgs, SidecarArgs};
 
 /// Per-provider outbound proxies (HTTP, HTTPS, SOCKS5, SOCKS4) for AI APIs, Kubernetes-native.
 ///
@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run the forwarding sidecar (standalone: --config reads manifests from disk).
     Sidecar(SidecarArgs),
+    /// Run the operator: watch ProviderProxies and Secrets, write status, push snapshots.
+    Controller(ControllerArgs),
     /// Test the connection to each provider through its proxy, like the controller's probe.
     Check(CheckArgs),
     /// Print the ProviderProxy CustomResourceDefinition as YAML.
@@ -48,6 +50,9 @@ fn main() -> ExitCode {
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),
         Command::Sidecar(args) => runtime().and_then(|rt| rt.block_on(settings::run_sidecar(args))),
+        Command::Controller(args) => {
+            runtime().and_then(|rt| rt.block_on(settings::run_controller(args)))
+        }
         Command::Check(args) => match runtime().and_then(|rt| rt.block_on(check::run(args))) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

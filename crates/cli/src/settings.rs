@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use provider_proxy_api::Timeouts;
+use provider_proxy_dataplane::snapshot_client::{SnapshotClient, SnapshotClientSettings};
 use provider_proxy_dataplane::{FileLoader, PoolSettings, Sidecar, SidecarSettings, TrustRoots};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -153,10 +154,33 @@ impl PoolArgs {
 
 #[derive(Args)]
 pub struct SidecarArgs {
-    /// ProviderProxy and Secret manifests: a YAML file or a folder of them (multi-document
-    /// YAML, the files `kubectl apply` takes). Re-read on change.
-    #[arg(long, env = "PROVIDER_PROXY_CONFIG", value_name = "PATH")]
-    pub config: PathBuf,
+    /// Standalone: ProviderProxy and Secret manifests, a YAML file or a folder of them
+    /// (multi-document YAML, the files `kubectl apply` takes). Re-read on change.
+    #[arg(
+        long,
+        env = "PROVIDER_PROXY_CONFIG",
+        value_name = "PATH",
+        required_unless_present = "controller",
+        conflicts_with = "controller"
+    )]
+    pub config: Option<PathBuf>,
+    /// In a cluster: the controller's snapshot service, e.g.
+    /// `http://provider-proxy.provider-proxy.svc:15443`. Plain HTTP is for in-cluster
+    /// traffic only; give the controller a certificate and use https:// elsewhere.
+    #[arg(long, env = "PROVIDER_PROXY_CONTROLLER", value_name = "URL")]
+    pub controller: Option<String>,
+    /// The pod's projected ServiceAccount token (audience: the controller's), re-read at
+    /// every connect.
+    #[arg(
+        long,
+        env = "PROVIDER_PROXY_TOKEN_FILE",
+        default_value = "/var/run/secrets/provider-proxy/token"
+    )]
+    pub token_file: PathBuf,
+    /// Keep the last good snapshot here (an emptyDir) to serve across restarts while the
+    /// controller is unreachable. Written with mode 0600.
+    #[arg(long, env = "PROVIDER_PROXY_SNAPSHOT_CACHE", value_name = "PATH")]
+    pub snapshot_cache: Option<PathBuf>,
     /// Address apps send requests to (`http://ADDR/<provider>/<path>`).
     #[arg(long, env = "PROVIDER_PROXY_LISTEN", default_value = "127.0.0.1:15080")]
     pub listen: SocketAddr,
@@ -196,21 +220,40 @@ pub async fn run_sidecar(args: SidecarArgs) -> Result<(), String> {
         },
         roots,
     );
-    let mut loader = FileLoader::new(
-        args.config.clone(),
-        args.timeouts.timeouts()?,
-        Arc::clone(&sidecar.config),
-    );
-    if let Err(e) = loader.reload() {
-        // Keep running, not ready, and keep watching: the file may be fixed.
-        sidecar.metrics.config_reload_errors.inc();
-        tracing::error!(error = %e, "initial config not loaded; not ready until it is fixed");
-    }
     let running = sidecar.start().await?;
-    let watcher = tokio::spawn(loader.watch(Duration::from_millis(args.reload_interval.max(50))));
+    let source = match (&args.config, &args.controller) {
+        (Some(path), _) => {
+            let mut loader = FileLoader::new(
+                path.clone(),
+                args.timeouts.timeouts()?,
+                Arc::clone(&sidecar.config),
+            );
+            if let Err(e) = loader.reload() {
+                // Keep running, not ready, and keep watching: the file may be fixed.
+                sidecar.metrics.config_reload_errors.inc();
+                tracing::error!(error = %e, "initial config not loaded; not ready until it is fixed");
+            }
+            tokio::spawn(loader.watch(Duration::from_millis(args.reload_interval.max(50))))
+        }
+        (None, Some(url)) => {
+            let client = SnapshotClient::new(
+                SnapshotClientSettings {
+                    controller: url.clone(),
+                    token_file: args.token_file.clone(),
+                    cache: args.snapshot_cache.clone(),
+                },
+                Arc::clone(&sidecar.config),
+                &TrustRoots::from_env()?,
+            )
+            .map_err(|e| e.to_string())?;
+            client.load_cache();
+            tokio::spawn(client.run())
+        }
+        (None, None) => return Err("give --config PATH (standalone) or --controller URL".into()),
+    };
     shutdown_signal().await;
     tracing::info!("shutting down: finishing open requests");
-    watcher.abort();
+    source.abort();
     running.shutdown().await;
     Ok(())
 }
@@ -249,4 +292,103 @@ pub struct CheckArgs {
     pub json: bool,
     #[command(flatten)]
     pub timeouts: TimeoutArgs,
+}
+
+#[derive(Args)]
+pub struct ControllerArgs {
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(long, env = "PROVIDER_PROXY_ADMIN", default_value = "0.0.0.0:15091")]
+    pub admin: SocketAddr,
+    /// Address of the snapshot service sidecars stream their config from.
+    #[arg(
+        long,
+        env = "PROVIDER_PROXY_SNAPSHOT_LISTEN",
+        default_value = "0.0.0.0:15443"
+    )]
+    pub snapshot_listen: SocketAddr,
+    /// Namespaces to watch, comma-separated; empty watches all.
+    #[arg(
+        long,
+        env = "WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub watch_namespaces: Vec<String>,
+    /// Re-probe every provider this often (seconds) unless its spec.probe.interval says
+    /// otherwise; 0 probes only on change.
+    #[arg(
+        long,
+        env = "PROBE_INTERVAL",
+        default_value_t = 300,
+        value_name = "SECONDS"
+    )]
+    pub probe_interval: u64,
+    /// Probes running at once.
+    #[arg(long, env = "PROBE_CONCURRENCY", default_value_t = 4)]
+    pub probe_concurrency: usize,
+    /// Elect one writer among replicas with a Lease.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = false)]
+    pub leader_election: bool,
+    #[arg(long, env = "LEASE_NAME", default_value = "provider-proxy-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "provider-proxy")]
+    pub lease_namespace: String,
+    /// This replica's name in the Lease and in Events.
+    #[arg(long, env = "POD_NAME", default_value = "provider-proxy-controller")]
+    pub identity: String,
+    /// Audience sidecar tokens must be issued for.
+    #[arg(long, env = "TOKEN_AUDIENCE", default_value = "provider-proxy")]
+    pub token_audience: String,
+    /// Certificate (PEM) for the snapshot service; with --tls-key, it serves TLS.
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// kubeconfig to use instead of in-cluster config / $KUBECONFIG.
+    #[arg(long, env = "KUBECONFIG_PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
+}
+
+pub async fn run_controller(args: ControllerArgs) -> Result<(), String> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no Kubernetes config: {e}"))?,
+    };
+    let client = kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    let settings = provider_proxy_controller::ControllerSettings {
+        admin: args.admin,
+        snapshot_listen: args.snapshot_listen,
+        watch_namespaces: args
+            .watch_namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
+        probe_interval: Duration::from_secs(args.probe_interval),
+        probe_concurrency: args.probe_concurrency,
+        leader_election: args.leader_election,
+        lease_name: args.lease_name,
+        lease_namespace: args.lease_namespace,
+        identity: args.identity,
+        token_audience: args.token_audience,
+        tls: args.tls_cert.zip(args.tls_key),
+        defaults: args.timeouts.timeouts()?,
+    };
+    let running = provider_proxy_controller::start(client, settings, TrustRoots::from_env()?)
+        .await
+        .map_err(|e| e.to_string())?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
 }

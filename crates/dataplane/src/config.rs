@@ -20,6 +20,8 @@ use crate::pool::{AgentPool, Path as RoutePath};
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     loaded: AtomicBool,
+    /// Unix seconds of the last contact with the config source (staleness).
+    last_contact: std::sync::atomic::AtomicU64,
     pool: Arc<AgentPool>,
     metrics: Arc<Metrics>,
 }
@@ -29,6 +31,7 @@ impl ConfigStore {
         Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
             loaded: AtomicBool::new(false),
+            last_contact: std::sync::atomic::AtomicU64::new(0),
             pool,
             metrics,
         }
@@ -72,7 +75,23 @@ impl ConfigStore {
         self.metrics.config_last_update.set(unix_now());
         self.current.store(Arc::new(next));
         self.loaded.store(true, Ordering::Release);
+        self.touch();
         self.pool.retain(|k| keep.contains(k));
+    }
+
+    /// The config source was heard from (a snapshot, a heartbeat, a successful poll).
+    pub fn touch(&self) {
+        let now = unix_now();
+        self.last_contact.store(now as u64, Ordering::Relaxed);
+        self.metrics.config_last_contact.set(now);
+    }
+
+    /// Seconds since the config source was last heard from, if ever.
+    pub fn seconds_since_contact(&self) -> Option<u64> {
+        match self.last_contact.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some((unix_now() as u64).saturating_sub(t)),
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -160,6 +179,9 @@ impl FileLoader {
     pub fn reload(&mut self) -> Result<bool, LoadError> {
         let sources = read_sources(&self.path)?;
         if self.last_sources.as_ref() == Some(&sources) {
+            if self.store.is_loaded() {
+                self.store.touch();
+            }
             return Ok(false);
         }
         let result = self.build(&sources);

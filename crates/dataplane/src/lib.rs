@@ -16,6 +16,7 @@ pub mod pool;
 pub mod probe;
 pub mod server;
 pub mod sidecar;
+pub mod snapshot_client;
 pub mod tls;
 
 pub use config::{ConfigStore, FileLoader};

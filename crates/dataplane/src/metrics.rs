@@ -36,6 +36,7 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     pub config_version: IntGauge,
     pub config_last_update: Gauge,
+    pub config_last_contact: Gauge,
     pub config_reload_errors: IntCounter,
     pub providers: IntGaugeVec,
 }
@@ -138,6 +139,14 @@ impl Metrics {
                 let g = must(Gauge::new(
                     "provider_proxy_config_last_update_timestamp_seconds",
                     "Unix time the config in force was loaded (staleness = time() - this).",
+                ));
+                must(registry.register(Box::new(g.clone())));
+                g
+            },
+            config_last_contact: {
+                let g = must(Gauge::new(
+                    "provider_proxy_config_last_contact_timestamp_seconds",
+                    "Unix time the config source (controller or files) was last heard from.",
                 ));
                 must(registry.register(Box::new(g.clone())));
                 g

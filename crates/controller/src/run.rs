@@ -1,0 +1,365 @@
+//! Wiring of the controller role: watches, reconciler, leader election, snapshot service,
+//! admin port.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, ResourceExt};
+use provider_proxy_api::{ProviderProxy, Timeouts, referenced_secrets};
+use provider_proxy_dataplane::TrustRoots;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::hub::SnapshotHub;
+use crate::leader::{LeaderElection, lease_api};
+use crate::metrics::ControllerMetrics;
+use crate::push::{Authenticator, PushService};
+use crate::reconcile::{Context, error_policy, reconcile};
+
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    pub admin: SocketAddr,
+    pub snapshot_listen: SocketAddr,
+    /// Empty: all namespaces.
+    pub watch_namespaces: Vec<String>,
+    pub probe_interval: Duration,
+    pub probe_concurrency: usize,
+    pub leader_election: bool,
+    pub lease_name: String,
+    pub lease_namespace: String,
+    pub identity: String,
+    pub token_audience: String,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub defaults: Timeouts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS for the snapshot service: {0}")]
+    Tls(String),
+}
+
+/// A started controller: its bound addresses and a way to stop it.
+pub struct RunningController {
+    pub admin_addr: SocketAddr,
+    pub snapshot_addr: SocketAddr,
+    pub hub: Arc<SnapshotHub>,
+    pub metrics: Arc<ControllerMetrics>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningController {
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Wait until every task ended (they end at shutdown).
+    pub async fn wait(&mut self) {
+        for t in &mut self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { addr, what, source })
+}
+
+pub async fn start(
+    client: Client,
+    settings: ControllerSettings,
+    roots: TrustRoots,
+) -> Result<RunningController, RunError> {
+    let metrics = ControllerMetrics::new();
+    let hub = Arc::new(SnapshotHub::new());
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let leader = Arc::new(AtomicBool::new(!settings.leader_election));
+    metrics.leader.set(i64::from(!settings.leader_election));
+    if settings.leader_election {
+        let election = LeaderElection {
+            api: lease_api(client.clone(), &settings.lease_namespace),
+            name: settings.lease_name.clone(),
+            identity: settings.identity.clone(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(2),
+        };
+        let m = metrics.clone();
+        tasks.push(tokio::spawn(
+            election.run(leader.clone(), move |held| m.leader.set(i64::from(held))),
+        ));
+    }
+
+    let admin = bind(settings.admin, "admin").await?;
+    let snapshot = bind(settings.snapshot_listen, "snapshots").await?;
+    let admin_addr = admin.local_addr().map_err(|source| RunError::Bind {
+        addr: settings.admin,
+        what: "admin",
+        source,
+    })?;
+    let snapshot_addr = snapshot.local_addr().map_err(|source| RunError::Bind {
+        addr: settings.snapshot_listen,
+        what: "snapshots",
+        source,
+    })?;
+
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
+    let push = Arc::new(PushService {
+        hub: hub.clone(),
+        auth: Authenticator {
+            client: client.clone(),
+            audience: settings.token_audience.clone(),
+        },
+        metrics: metrics.clone(),
+    });
+    tasks.push(tokio::spawn(crate::push::serve(
+        snapshot,
+        push,
+        tls,
+        wait_for(stopped.clone()),
+    )));
+
+    let is_leader: Arc<dyn Fn() -> bool + Send + Sync> = {
+        let l = leader.clone();
+        Arc::new(move || l.load(Ordering::Acquire))
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "provider-proxy-controller".into(),
+            instance: Some(settings.identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        hub.clone(),
+        settings.defaults.clone(),
+        roots,
+        recorder,
+        metrics.clone(),
+        settings.probe_interval,
+        settings.probe_concurrency,
+        is_leader,
+    ));
+
+    let scopes: Vec<Option<String>> = if settings.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings
+            .watch_namespaces
+            .iter()
+            .cloned()
+            .map(Some)
+            .collect()
+    };
+    let mut stores = Vec::new();
+    for scope in scopes {
+        let (pps, secrets): (Api<ProviderProxy>, Api<Secret>) = match &scope {
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+        };
+        let controller = Controller::new(pps, watcher::Config::default().any_semantic());
+        let store = controller.store();
+        stores.push(store.clone());
+        let ctx = ctx.clone();
+        let shutdown = wait_for(stopped.clone());
+        let run = controller
+            .watches(
+                secrets,
+                watcher::Config::default(),
+                move |secret: Secret| providers_using(&store, &secret),
+            )
+            .graceful_shutdown_on(shutdown)
+            .run(reconcile, error_policy, ctx)
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "controller event");
+                }
+            });
+        tasks.push(tokio::spawn(run));
+    }
+
+    // Deletions: a ProviderProxy gone from the watch is gone from its namespace's
+    // snapshot within a tick (the reconciler never sees deleted objects).
+    {
+        let hub = hub.clone();
+        let ctx = ctx.clone();
+        let stores = stores.clone();
+        let mut stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {},
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
+                hub.retain(|ns, name| {
+                    let key = ObjectRef::<ProviderProxy>::new(name).within(ns);
+                    let present = stores.iter().any(|s| s.get(&key).is_some());
+                    if !present {
+                        ctx.forget(ns, name);
+                        tracing::info!(namespace = %ns, provider = %name, "provider deleted; removed from snapshot");
+                    }
+                    present
+                });
+            }
+        }));
+    }
+
+    let synced = Arc::new(AtomicBool::new(false));
+    {
+        let synced = synced.clone();
+        tasks.push(tokio::spawn(async move {
+            for s in stores {
+                if s.wait_until_ready().await.is_err() {
+                    return;
+                }
+            }
+            synced.store(true, Ordering::Release);
+        }));
+    }
+    let admin_state = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        synced,
+        leader,
+    });
+    tasks.push(tokio::spawn(serve_admin(
+        admin,
+        admin_state,
+        wait_for(stopped),
+    )));
+    tracing::info!(%admin_addr, %snapshot_addr, "controller started");
+    Ok(RunningController {
+        admin_addr,
+        snapshot_addr,
+        hub,
+        metrics,
+        stop,
+        tasks,
+    })
+}
+
+/// The ProviderProxies in the Secret's namespace that name it.
+fn providers_using(store: &Store<ProviderProxy>, secret: &Secret) -> Vec<ObjectRef<ProviderProxy>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|pp| pp.namespace() == ns && referenced_secrets(pp).contains(&name))
+        .map(|pp| ObjectRef::from(pp.as_ref()))
+        .collect()
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> Result<tokio_rustls::TlsAcceptor, RunError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| RunError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| RunError::Tls(format!("{}: {e}", key.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| RunError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| RunError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+struct AdminState {
+    metrics: Arc<ControllerMetrics>,
+    synced: Arc<AtomicBool>,
+    leader: Arc<AtomicBool>,
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
+            () = &mut shutdown => return,
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(admin(&req, &state)) }
+            });
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn admin(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let (status, body) = match req.uri().path() {
+        "/metrics" => (StatusCode::OK, state.metrics.render()),
+        "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
+        "/readyz" => {
+            // Ready once every watch has listed: snapshots served before then would be partial.
+            let synced = state.synced.load(Ordering::Acquire);
+            let leader = state.leader.load(Ordering::Acquire);
+            if synced {
+                (StatusCode::OK, format!("ready (leader: {leader})\n"))
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: initial list not done\n".to_owned(),
+                )
+            }
+        }
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
