@@ -7,4 +7,7 @@ mod support;
 mod controller;
 mod dataplane;
 mod faults;
+mod helm;
+mod hygiene;
+mod observability;
 mod pool;

@@ -59,6 +59,7 @@ impl TestSidecar {
                 admin: "127.0.0.1:0".parse().unwrap(),
                 pool,
                 grace: Duration::from_secs(2),
+                admin_token: Some("test-admin-token".into()),
             },
             TrustRoots::with_extra(vec![pki.ca_der()]),
         );

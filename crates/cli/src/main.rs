@@ -41,15 +41,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = settings::init_logging(&cli.log) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
+    let log_control = match settings::init_logging(&cli.log) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Crd => provider_proxy_api::crd_yaml()
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),
-        Command::Sidecar(args) => runtime().and_then(|rt| rt.block_on(settings::run_sidecar(args))),
+        Command::Sidecar(args) => {
+            runtime().and_then(|rt| rt.block_on(settings::run_sidecar(args, log_control)))
+        }
         Command::Controller(args) => {
             runtime().and_then(|rt| rt.block_on(settings::run_controller(args)))
         }

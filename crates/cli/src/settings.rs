@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use provider_proxy_api::Timeouts;
+use provider_proxy_dataplane::server::LogControl;
 use provider_proxy_dataplane::snapshot_client::{SnapshotClient, SnapshotClientSettings};
 use provider_proxy_dataplane::{FileLoader, PoolSettings, Sidecar, SidecarSettings, TrustRoots};
 
@@ -34,17 +35,39 @@ pub struct LogArgs {
     pub log_level: String,
 }
 
-pub fn init_logging(args: &LogArgs) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+/// Install the subscriber; the returned control changes the filter at runtime.
+pub fn init_logging(args: &LogArgs) -> Result<LogControl, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+
+    let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| format!("invalid --log-level {:?}: {e}", args.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     let result = match args.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
     };
-    result.map_err(|e| format!("cannot set up logging: {e}"))
+    result.map_err(|e| format!("cannot set up logging: {e}"))?;
+    Ok(Arc::new(move |new: Option<&str>| {
+        if let Some(new) = new {
+            let f = EnvFilter::try_new(new).map_err(|e| format!("invalid filter {new:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())?;
+        }
+        handle
+            .with_current(|f| f.to_string())
+            .map_err(|e| e.to_string())
+    }))
 }
 
 /// Defaults for every provider's timeouts, in milliseconds, as in the reference.
@@ -195,6 +218,10 @@ pub struct SidecarArgs {
         value_name = "MS"
     )]
     pub reload_interval: u64,
+    /// File with a bearer token that unlocks the admin port's mutating endpoints
+    /// (`PUT /loglevel`); without it they are disabled.
+    #[arg(long, env = "PROVIDER_PROXY_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
     /// Seconds open requests may take to finish on shutdown.
     #[arg(
         long,
@@ -209,17 +236,34 @@ pub struct SidecarArgs {
     pub pool: PoolArgs,
 }
 
-pub async fn run_sidecar(args: SidecarArgs) -> Result<(), String> {
+pub async fn run_sidecar(args: SidecarArgs, log_control: LogControl) -> Result<(), String> {
     let roots = TrustRoots::from_env()?;
-    let sidecar = Sidecar::new(
+    let admin_token = match &args.admin_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .map_err(|e| format!("--admin-token-file {}: {e}", p.display()))?;
+            let t = t.trim();
+            if t.len() < 16 {
+                return Err(format!(
+                    "--admin-token-file {}: the token must be at least 16 characters",
+                    p.display()
+                ));
+            }
+            Some(Arc::from(t))
+        }
+        None => None,
+    };
+    let mut sidecar = Sidecar::new(
         SidecarSettings {
             listen: args.listen,
             admin: args.admin,
             pool: args.pool.settings()?,
             grace: Duration::from_secs(args.shutdown_grace),
+            admin_token,
         },
         roots,
     );
+    sidecar.log_control = Some(log_control);
     let running = sidecar.start().await?;
     let source = match (&args.config, &args.controller) {
         (Some(path), _) => {

@@ -154,6 +154,9 @@ pub fn read_sources(path: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
         .collect()
 }
 
+/// How long a changed file must stay unchanged before it is read as the new config.
+const SETTLE: Duration = Duration::from_millis(50);
+
 /// Loads manifests from disk into a [`ConfigStore`], and keeps them current.
 pub struct FileLoader {
     path: PathBuf,
@@ -182,6 +185,12 @@ impl FileLoader {
             if self.store.is_loaded() {
                 self.store.touch();
             }
+            return Ok(false);
+        }
+        // A file caught mid-write (truncated, half written) must not become the config:
+        // act only on content that reads the same twice in a row.
+        std::thread::sleep(SETTLE);
+        if read_sources(&self.path)? != sources {
             return Ok(false);
         }
         let result = self.build(&sources);
@@ -241,7 +250,22 @@ impl FileLoader {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = self.reload() {
+            // File I/O and the settle pause run off the async workers: the data plane
+            // never waits on the disk.
+            let (loader, result) = match tokio::task::spawn_blocking(move || {
+                let r = self.reload();
+                (self, r)
+            })
+            .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e, "config loader stopped");
+                    return;
+                }
+            };
+            self = loader;
+            if let Err(e) = result {
                 self.store.metrics().config_reload_errors.inc();
                 tracing::error!(error = %e, "config not reloaded; the last good config stays in force");
             }

@@ -230,6 +230,14 @@ impl Forwarder {
                     if let Outcome::Failed(ErrorClass::Http2) = outcome {
                         pool.mark_unhealthy(lease.agent());
                     }
+                    // A stream that broke on the proxy path is a proxy failure too (counted,
+                    // never retried: bytes already reached the upstream).
+                    if let (Some(c), Route::Proxy) = (class, route) {
+                        metrics
+                            .proxy_failures
+                            .with_label_values(&[&provider2.name, c.as_str()])
+                            .inc();
+                    }
                     drop(lease);
                     in_flight2.dec();
                     let status_class = status_class(status);

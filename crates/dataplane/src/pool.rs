@@ -444,3 +444,175 @@ impl AgentPool {
         self.lock().contains_key(key)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use provider_proxy_api::Manifests;
+
+    use super::*;
+    use crate::connector::NoObserver;
+
+    fn providers(names: &[&str]) -> Vec<Provider> {
+        let mut m = Manifests::default();
+        for n in names {
+            m.parse_yaml(
+                n,
+                &format!("apiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {{name: {n}}}\nspec: {{upstream: \"https://{n}.example\"}}\n"),
+            )
+            .unwrap();
+        }
+        let s = m.build_snapshot(1, &Default::default());
+        names.iter().map(|n| (*s.providers[*n]).clone()).collect()
+    }
+
+    fn pool(settings: PoolSettings) -> Arc<AgentPool> {
+        Arc::new(AgentPool::new(
+            settings,
+            TrustRoots::with_extra(vec![]),
+            Arc::new(NoObserver),
+        ))
+    }
+
+    async fn advance(d: Duration) {
+        tokio::time::advance(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttl_removes_unused_agents_but_never_busy_ones() {
+        let pool = pool(PoolSettings::default());
+        let [a, b] = <[Provider; 2]>::try_from(providers(&["a", "b"])).unwrap();
+        drop(pool.checkout(&a, Path::Direct).unwrap());
+        let busy = pool.checkout(&b, Path::Direct).unwrap();
+        advance(Duration::from_secs(299)).await;
+        pool.sweep();
+        assert_eq!(pool.len(), 2, "not expired before the TTL");
+        advance(Duration::from_secs(2)).await;
+        pool.sweep();
+        assert!(
+            !pool.contains(&pool.key(&a, Path::Direct)),
+            "unused past the TTL"
+        );
+        assert!(
+            pool.contains(&pool.key(&b, Path::Direct)),
+            "an agent with a request in flight stays"
+        );
+        assert_eq!(pool.stats().evictions(EvictReason::Ttl), 1);
+        drop(busy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_runs_on_its_interval() {
+        let pool = pool(PoolSettings {
+            agent_ttl: Duration::from_secs(70),
+            sweep_interval: Duration::from_secs(30),
+            ..PoolSettings::default()
+        });
+        let sweeper = pool.spawn_sweeper();
+        let [a] = <[Provider; 1]>::try_from(providers(&["a"])).unwrap();
+        drop(pool.checkout(&a, Path::Direct).unwrap());
+        for _ in 0..2 {
+            advance(Duration::from_secs(30)).await;
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            pool.len(),
+            1,
+            "60 s unused is not yet over the 70 s TTL at the 60 s sweep"
+        );
+        advance(Duration::from_secs(30)).await;
+        tokio::task::yield_now().await;
+        assert!(pool.is_empty(), "the 90 s sweep removed it");
+        sweeper.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hard_lifetime_replaces_even_a_busy_agent() {
+        let pool = pool(PoolSettings {
+            max_lifetime: Duration::from_secs(600),
+            ..PoolSettings::default()
+        });
+        let [a] = <[Provider; 1]>::try_from(providers(&["a"])).unwrap();
+        let first = pool.checkout(&a, Path::Direct).unwrap();
+        let first_id = first.agent().id();
+        for _ in 0..5 {
+            advance(Duration::from_secs(100)).await;
+            let l = pool.checkout(&a, Path::Direct).unwrap();
+            assert_eq!(l.agent().id(), first_id, "reused within its lifetime");
+        }
+        advance(Duration::from_secs(101)).await;
+        let next = pool.checkout(&a, Path::Direct).unwrap();
+        assert_ne!(
+            next.agent().id(),
+            first_id,
+            "past its lifetime it takes no new requests"
+        );
+        // The old agent still serves what it already had.
+        assert_eq!(first.agent().in_flight(), 1);
+        assert_eq!(pool.stats().evictions(EvictReason::Lifetime), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lru_evicts_the_least_recently_used_idle_agent() {
+        let pool = pool(PoolSettings {
+            max_agents: 2,
+            ..PoolSettings::default()
+        });
+        let [a, b, c] = <[Provider; 3]>::try_from(providers(&["a", "b", "c"])).unwrap();
+        let busy_a = pool.checkout(&a, Path::Direct).unwrap();
+        advance(Duration::from_secs(1)).await;
+        drop(pool.checkout(&b, Path::Direct).unwrap());
+        advance(Duration::from_secs(1)).await;
+        // a is older but busy: b (idle) goes.
+        drop(pool.checkout(&c, Path::Direct).unwrap());
+        assert!(pool.contains(&pool.key(&a, Path::Direct)));
+        assert!(!pool.contains(&pool.key(&b, Path::Direct)));
+        assert_eq!(pool.stats().evictions(EvictReason::Lru), 1);
+        drop(busy_a);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unhealthy_marks_only_that_agent() {
+        let pool = pool(PoolSettings::default());
+        let [a] = <[Provider; 1]>::try_from(providers(&["a"])).unwrap();
+        let old = pool.checkout(&a, Path::Direct).unwrap();
+        pool.mark_unhealthy(old.agent());
+        let fresh = pool.checkout(&a, Path::Direct).unwrap();
+        assert_ne!(fresh.agent().id(), old.agent().id());
+        // A late error from the old agent does not harm its replacement.
+        pool.mark_unhealthy(old.agent());
+        let again = pool.checkout(&a, Path::Direct).unwrap();
+        assert_eq!(again.agent().id(), fresh.agent().id());
+        assert_eq!(pool.stats().unhealthy_marks.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn keys_separate_credentials_without_holding_them() {
+        let mut m = Manifests::default();
+        m.parse_yaml(
+            "t",
+            "apiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {name: a}\nspec: {upstream: \"https://x.example\", proxy: {url: \"http://alice:pw1@p:1\"}}\n---\napiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {name: b}\nspec: {upstream: \"https://x.example\", proxy: {url: \"http://bob:pw2@p:1\"}}\n",
+        )
+        .unwrap();
+        let s = m.build_snapshot(1, &Default::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let pool = pool(PoolSettings::default());
+        let (ka, kb) = (
+            pool.key(&s.providers["a"], Path::Proxy),
+            pool.key(&s.providers["b"], Path::Proxy),
+        );
+        assert_ne!(ka, kb);
+        assert_eq!(
+            pool.key(&s.providers["a"], Path::Direct),
+            pool.key(&s.providers["b"], Path::Direct)
+        );
+        let shown = format!("{ka:?}");
+        assert!(
+            !shown.contains("pw1") && !shown.contains("alice"),
+            "{shown}"
+        );
+    }
+}

@@ -33,35 +33,52 @@ pub async fn serve_data(
     accept_loop(listener, service_fn(svc), shutdown, grace).await;
 }
 
-/// `/metrics`, `/healthz`, `/readyz`, `/config` (providers with masked proxies).
+/// Changes (or, with `None`, reads) the process's log filter; the binary supplies it.
+pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+/// What the admin port serves from.
+#[derive(Clone)]
+pub struct Admin {
+    pub config: Arc<ConfigStore>,
+    pub log_control: Option<LogControl>,
+    /// Bearer token required by mutating endpoints; without one they are disabled.
+    pub admin_token: Option<Arc<str>>,
+}
+
+/// `/metrics`, `/healthz`, `/readyz`, `/config` (providers with masked proxies) and
+/// `/loglevel` (GET; PUT with the admin token).
 pub async fn serve_admin(
     listener: TcpListener,
-    config: Arc<ConfigStore>,
+    admin_state: Admin,
     shutdown: impl Future<Output = ()>,
 ) {
     let svc = move |req: Request<Incoming>| {
-        let config = config.clone();
-        async move { Ok::<_, Infallible>(admin(&req, &config)) }
+        let state = admin_state.clone();
+        async move { Ok::<_, Infallible>(admin(req, &state).await) }
     };
     accept_loop(listener, service_fn(svc), shutdown, Duration::from_secs(1)).await;
 }
 
-fn admin(req: &Request<Incoming>, config: &ConfigStore) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (
+async fn admin(req: Request<Incoming>, state: &Admin) -> Response<Full<Bytes>> {
+    let config = &state.config;
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (_, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
             config.metrics().render(),
         ),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" => {
+        (_, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        (_, "/readyz") => {
             let snap = config.snapshot();
+            let contact = config
+                .seconds_since_contact()
+                .map_or_else(|| "never".to_owned(), |s| format!("{s}s ago"));
             if config.is_loaded() {
                 (
                     StatusCode::OK,
                     "text/plain",
                     format!(
-                        "ready: config version {}, {} providers\n",
+                        "ready: config version {}, {} providers, last contact with the config source {contact}\n",
                         snap.version,
                         snap.providers.len()
                     ),
@@ -74,11 +91,27 @@ fn admin(req: &Request<Incoming>, config: &ConfigStore) -> Response<Full<Bytes>>
                 )
             }
         }
-        "/config" => (
+        (_, "/config") => (
             StatusCode::OK,
             "application/json",
             describe(&config.snapshot()).to_string(),
         ),
+        (&http::Method::GET, "/loglevel") => match &state.log_control {
+            Some(f) => match f(None) {
+                Ok(current) => (StatusCode::OK, "text/plain", format!("{current}\n")),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            },
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "log level control not available\n".to_owned(),
+            ),
+        },
+        (&http::Method::PUT, "/loglevel") => set_log_level(req, state).await,
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -91,6 +124,74 @@ fn admin(req: &Request<Incoming>, config: &ConfigStore) -> Response<Full<Bytes>>
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// Mutating, so it needs the admin token: the admin port is reachable by anything in the
+/// pod (and by the kubelet), the token only by whoever mounted it.
+async fn set_log_level(
+    req: Request<Incoming>,
+    state: &Admin,
+) -> (StatusCode, &'static str, String) {
+    let Some(expected) = &state.admin_token else {
+        return (
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "changing the log level is disabled; start with --admin-token-file\n".to_owned(),
+        );
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), expected.as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "admin token required\n".to_owned(),
+        );
+    }
+    let Some(control) = &state.log_control else {
+        return (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "log level control not available\n".to_owned(),
+        );
+    };
+    let body = match tokio::time::timeout(
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(req.into_body()),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "could not read the body\n".to_owned(),
+            );
+        }
+    };
+    let filter = String::from_utf8_lossy(&body).trim().to_owned();
+    if filter.is_empty() || filter.len() > 1024 {
+        return (
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "send a log filter such as `debug` or `info,hyper=warn`\n".to_owned(),
+        );
+    }
+    match control(Some(&filter)) {
+        Ok(now) => {
+            tracing::warn!(filter = %now, "log level changed through the admin port");
+            (StatusCode::OK, "text/plain", format!("{now}\n"))
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn accept_loop<S, B>(

@@ -11,7 +11,7 @@ use crate::config::ConfigStore;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::pool::{AgentPool, PoolSettings};
-use crate::server::{bind, serve_admin, serve_data};
+use crate::server::{Admin, LogControl, bind, serve_admin, serve_data};
 use crate::tls::TrustRoots;
 
 #[derive(Clone, Debug)]
@@ -21,6 +21,8 @@ pub struct SidecarSettings {
     pub pool: PoolSettings,
     /// How long open connections may take to finish at shutdown.
     pub grace: Duration,
+    /// Token for the admin port's mutating endpoints (`PUT /loglevel`); None disables them.
+    pub admin_token: Option<Arc<str>>,
 }
 
 impl Default for SidecarSettings {
@@ -30,6 +32,7 @@ impl Default for SidecarSettings {
             admin: SocketAddr::from(([127, 0, 0, 1], 15090)),
             pool: PoolSettings::default(),
             grace: Duration::from_secs(30),
+            admin_token: None,
         }
     }
 }
@@ -37,6 +40,8 @@ impl Default for SidecarSettings {
 /// The sidecar's parts. Feed `config` snapshots; `start` opens the ports.
 pub struct Sidecar {
     pub config: Arc<ConfigStore>,
+    /// Set by the binary to let `/loglevel` change the log filter.
+    pub log_control: Option<LogControl>,
     pub pool: Arc<AgentPool>,
     pub metrics: Arc<Metrics>,
     settings: SidecarSettings,
@@ -54,6 +59,7 @@ impl Sidecar {
         let config = Arc::new(ConfigStore::new(pool.clone(), metrics.clone()));
         Self {
             config,
+            log_control: None,
             pool,
             metrics,
             settings,
@@ -79,7 +85,12 @@ impl Sidecar {
             wait_for(stopped.clone()),
             self.settings.grace,
         ));
-        let admin_task = tokio::spawn(serve_admin(admin, self.config.clone(), wait_for(stopped)));
+        let admin_state = Admin {
+            config: self.config.clone(),
+            log_control: self.log_control.clone(),
+            admin_token: self.settings.admin_token.clone(),
+        };
+        let admin_task = tokio::spawn(serve_admin(admin, admin_state, wait_for(stopped)));
         tracing::info!(%data_addr, %admin_addr, "sidecar listening");
         Ok(Running {
             data_addr,

@@ -1,0 +1,264 @@
+//! Metrics move by exactly what happened, stay low-cardinality, and carry no secret.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine;
+use http::StatusCode;
+use provider_proxy_testkit::{Behavior, FaultProxy, Upstream, UpstreamOptions};
+
+use crate::support::*;
+
+/// `name{labels}` → value, from the Prometheus text format.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn get(m: &BTreeMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_by_exactly_what_happened() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls_h2(pki.clone()));
+    let tunnel = FaultProxy::start(Behavior::Connect {
+        users: vec![("user".into(), PASSWORD.into())],
+    });
+    let refuses = FaultProxy::start(Behavior::Status(407));
+    let base = upstream.base_url();
+    let yaml = secret("login", "user", PASSWORD)
+        + &format!(
+            "---\napiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {{name: h2p, namespace: ai}}\nspec:\n  upstream: {base}\n  http2: true\n  proxy:\n    url: http://127.0.0.1:{}\n    credentialsSecretRef: {{name: login}}\n",
+            tunnel.port()
+        )
+        + &provider(
+            "fb",
+            &base,
+            Some(&format!("http://127.0.0.1:{}", refuses.port())),
+            "  fallbackToDirect: true\n",
+        )
+        + &provider(
+            "nofb",
+            &base,
+            Some(&format!("http://127.0.0.1:{}", refuses.port())),
+            "",
+        )
+        + &provider("direct", &base, None, "");
+    let sc = TestSidecar::with_config(&pki, &yaml).await;
+    for _ in 0..3 {
+        sc.post("/h2p/v1/messages", "{}").await.assert_ok("proxy");
+    }
+    sc.post("/fb/v1/messages", "{}").await.assert_ok("fallback");
+    assert_eq!(
+        sc.post("/nofb/v1/messages", "{}").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    for _ in 0..2 {
+        sc.get("/direct/v1/messages").await.assert_ok("direct");
+    }
+    let m = parse(&sc.metrics().await);
+    let requests = |p: &str, route: &str, class: &str, proto: &str| {
+        get(
+            &m,
+            &format!(
+                "provider_proxy_requests_total{{protocol=\"{proto}\",provider=\"{p}\",route=\"{route}\",status_class=\"{class}\"}}"
+            ),
+        )
+    };
+    assert_eq!(requests("h2p", "proxy", "2xx", "h2"), 3.0);
+    assert_eq!(requests("fb", "fallback", "2xx", "h1"), 1.0);
+    assert_eq!(requests("nofb", "proxy", "5xx", "none"), 1.0);
+    assert_eq!(requests("direct", "direct", "2xx", "h1"), 2.0);
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_fallbacks_total{class=\"proxy_auth\",provider=\"fb\"}"
+        ),
+        1.0,
+        "a fallback counts once"
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_proxy_failures_total{class=\"proxy_auth\",provider=\"fb\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_proxy_failures_total{class=\"proxy_auth\",provider=\"nofb\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_unavailable_total{class=\"proxy_auth\",provider=\"nofb\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_unavailable_total{class=\"proxy_auth\",provider=\"fb\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_request_duration_seconds_count{provider=\"direct\",route=\"direct\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_response_first_byte_seconds_count{provider=\"h2p\",route=\"proxy\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        get(&m, "provider_proxy_in_flight_requests{provider=\"h2p\"}"),
+        0.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_upstream_connections_total{path=\"proxy\",result=\"ok\"}"
+        ),
+        1.0,
+        "one tunnel for three h2 requests"
+    );
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_upstream_connections_total{path=\"proxy\",result=\"proxy_auth\"}"
+        ),
+        2.0
+    );
+    // h2p: 1 miss + 2 hits; fb: proxy miss + direct miss; nofb shares fb's proxy agent (same
+    // upstream, proxy and login): hit; direct shares fb's direct agent: 2 hits.
+    assert_eq!(get(&m, "provider_proxy_pool_hits_total"), 5.0);
+    assert_eq!(get(&m, "provider_proxy_pool_misses_total"), 3.0);
+    assert_eq!(get(&m, "provider_proxy_config_version"), 1.0);
+    assert_eq!(get(&m, "provider_proxy_providers{state=\"valid\"}"), 4.0);
+    assert_eq!(
+        get(
+            &m,
+            "provider_proxy_connect_stage_duration_seconds_count{path=\"proxy\",stage=\"proxy_handshake\"}"
+        ),
+        1.0
+    );
+    assert!(get(&m, "provider_proxy_response_bytes_total{provider=\"h2p\"}") > 0.0);
+    assert_eq!(
+        get(&m, "provider_proxy_request_bytes_total{provider=\"h2p\"}"),
+        6.0
+    );
+
+    // Cardinality: random paths and unknown providers add no series.
+    let series = |m: &BTreeMap<String, f64>| m.keys().cloned().collect::<BTreeSet<_>>();
+    let before = series(&parse(&sc.metrics().await));
+    for i in 0..50 {
+        sc.get(&format!("/direct/v1/{i}/{}", i * 7919)).await;
+        sc.get(&format!("/nope-{i}/v1/models")).await;
+    }
+    let after = series(&parse(&sc.metrics().await));
+    let new: Vec<_> = after.difference(&before).collect();
+    assert!(
+        new.iter().all(|k| k.contains("provider=\"unknown\"")),
+        "new series beyond the single unknown-provider one: {new:?}"
+    );
+    assert!(new.len() <= 1, "{new:?}");
+
+    // No secret in any form.
+    let text = sc.metrics().await;
+    let config = reqwest(&sc.admin_url("/config")).await;
+    for (what, s) in [("metrics", &text), ("config", &config)] {
+        for needle in secret_forms("user", PASSWORD) {
+            assert!(!s.contains(&needle), "{what} contains {needle:?}");
+        }
+    }
+    assert!(config.contains("user:***@"), "{config}");
+}
+
+async fn reqwest(url: &str) -> String {
+    use http_body_util::{BodyExt, Full};
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let resp = client
+        .request(http::Request::get(url).body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+/// The password in every form it could leak in: plain, percent-encoded, and inside a
+/// Basic authorization value.
+pub fn secret_forms(user: &str, password: &str) -> Vec<String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pct: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    vec![
+        password.to_owned(),
+        pct,
+        b64.encode(format!("{user}:{password}")),
+        b64.encode(password),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_changes_at_runtime_only_with_the_admin_token() {
+    let pki = pki();
+    let sc = TestSidecar::start(&pki, Default::default()).await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let put = |token: Option<&str>| {
+        let mut b = http::Request::put(sc.admin_url("/loglevel"));
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"debug",
+        )))
+        .unwrap()
+    };
+    assert_eq!(
+        client.request(put(None)).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        client
+            .request(put(Some("wrong-token")))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // In-process there is no log control installed: authorized, but nothing to change.
+    assert_eq!(
+        client
+            .request(put(Some("test-admin-token")))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+}
