@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,14 +22,14 @@ use crate::support::*;
 
 const AUDIENCE: &str = "provider-proxy";
 
-struct Cluster {
-    api: FakeApiServer,
+pub(crate) struct Cluster {
+    pub(crate) api: FakeApiServer,
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
 }
 
 impl Cluster {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let api = FakeApiServer::start().await;
         let crd = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -133,7 +134,17 @@ impl Cluster {
     }
 }
 
-async fn start_controller(cluster: &Cluster, pki: &TestPki) -> RunningController {
+pub(crate) async fn start_controller(cluster: &Cluster, pki: &TestPki) -> RunningController {
+    start_controller_with(cluster, pki, "controller-0", Duration::from_secs(15), None).await
+}
+
+async fn start_controller_with(
+    cluster: &Cluster,
+    pki: &TestPki,
+    identity: &str,
+    lease_duration: Duration,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> RunningController {
     provider_proxy_controller::start(
         cluster.client(),
         ControllerSettings {
@@ -143,11 +154,12 @@ async fn start_controller(cluster: &Cluster, pki: &TestPki) -> RunningController
             probe_interval: Duration::ZERO,
             probe_concurrency: 4,
             leader_election: true,
+            lease_duration,
             lease_name: "provider-proxy-controller".into(),
             lease_namespace: "provider-proxy".into(),
-            identity: "controller-0".into(),
+            identity: identity.into(),
             token_audience: AUDIENCE.into(),
-            tls: None,
+            tls,
             defaults: quick_timeouts(),
         },
         TrustRoots::with_extra(vec![pki.ca_der()]),
@@ -222,6 +234,29 @@ async fn controller_reports_status_probes_and_reacts_to_secrets() {
     assert!(
         upstream.total_requests() >= 1,
         "the probe reached the upstream"
+    );
+
+    // `provider-proxy check NAME -n NS` runs the same probe against the cluster.
+    let (ca, _, _) = pki.write_to(cluster.dir.path());
+    let out = Command::new(crate::hygiene::binary())
+        .args(["check", "anthropic", "-n", "ai", "--json", "--kubeconfig"])
+        .arg(&cluster.kubeconfig)
+        .env("SSL_CERT_FILE", &ca)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(rows[0]["provider"], "anthropic");
+    assert_eq!(rows[0]["success"], true);
+    assert_eq!(rows[0]["usedProxy"], true);
+    assert_eq!(
+        rows[0]["proxy"],
+        format!("http://alice:***@127.0.0.1:{}", squid.http_port())
     );
 
     // `kubectl get pp` shows the printer columns.
@@ -345,7 +380,22 @@ async fn controller_reports_status_probes_and_reacts_to_secrets() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("provider_proxy_controller_leader 1"),
+        metrics
+            .lines()
+            .any(|l| l == "provider_proxy_controller_leader 1"),
+        "{metrics}"
+    );
+    // anthropic, openai and gemini Ready; broken not.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "provider_proxy_controller_providers{ready=\"true\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "provider_proxy_controller_providers{ready=\"false\"} 1"),
         "{metrics}"
     );
     controller.shutdown().await;
@@ -356,7 +406,7 @@ async fn reqwest_get(url: &str) -> (StatusCode, String) {
     raw_get(url, None).await
 }
 
-async fn raw_get(url: &str, token: Option<&str>) -> (StatusCode, String) {
+pub(crate) async fn raw_get(url: &str, token: Option<&str>) -> (StatusCode, String) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut req = Request::get(url);
     if let Some(t) = token {
@@ -411,7 +461,7 @@ async fn start_pod_sidecar(
     PodSidecar { sc, task, cache }
 }
 
-async fn wait_until<F: std::future::Future<Output = bool>>(
+pub(crate) async fn wait_until<F: std::future::Future<Output = bool>>(
     within: Duration,
     what: &str,
     mut f: impl FnMut() -> F,
@@ -527,6 +577,18 @@ async fn push_reaches_sidecars_isolated_by_namespace_and_survives_controller_res
         took.push(started.elapsed());
     }
     eprintln!("propagation kubectl apply -> request on new config: {took:?}");
+    let cm = raw_get(&format!("http://{}/metrics", controller.admin_addr), None)
+        .await
+        .1;
+    assert!(
+        cm.contains("provider_proxy_controller_push_latency_seconds_count"),
+        "{cm}"
+    );
+    assert!(
+        cm.lines()
+            .any(|l| l == "provider_proxy_controller_connected_sidecars{namespace=\"ai\"} 1"),
+        "{cm}"
+    );
     assert!(took.iter().all(|t| *t < Duration::from_secs(3)), "{took:?}");
     // Squid saw the other login on the new tunnels (its log names the user).
     a.task.abort();
@@ -548,6 +610,18 @@ async fn push_reaches_sidecars_isolated_by_namespace_and_survives_controller_res
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&a.cache).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+
+    // The Secret deleted while requests run: status says SecretNotFound, the sidecar keeps
+    // the last good config and requests keep flowing through the proxy.
+    let (ok, out) =
+        cluster.kubectl(&["delete", "secret", "corp-proxy", "-n", "ai", "--wait=false"]);
+    assert!(ok, "{out}");
+    cluster
+        .wait_ready_reason("ai", "anthropic", "SecretNotFound")
+        .await;
+    for _ in 0..5 {
+        a.sc.get("/anthropic/v1/messages").await.assert_ok("proxy");
+    }
 
     // Deleting the ProviderProxy makes the route 404.
     let (ok, out) = cluster.kubectl(&["delete", "pp", "openai", "-n", "ai", "--wait=false"]);
@@ -581,4 +655,142 @@ async fn push_reaches_sidecars_isolated_by_namespace_and_survives_controller_res
     a2.task.abort();
     b.task.abort();
     controller.shutdown().await;
+}
+
+/// Propagation, measured: `kubectl apply` of a changed ProviderProxy → the first request
+/// that uses the new config, over many changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_from_kubectl_apply_to_first_request() {
+    let pki = pki();
+    let cluster = Arc::new(Cluster::start().await);
+    let ups = [
+        Upstream::start(UpstreamOptions::tls(pki.clone())),
+        Upstream::start(UpstreamOptions::tls(pki.clone())),
+    ];
+    let controller = start_controller(&cluster, &pki).await;
+    let url = format!("http://{}", controller.snapshot_addr);
+    let pod = start_pod_sidecar(&pki, cluster.dir.path(), "ai", "token-ai", &url).await;
+    let manifest = |i: usize| {
+        format!(
+            "apiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {{name: p, namespace: ai}}\nspec:\n  upstream: {}\n",
+            ups[i % 2].base_url()
+        )
+    };
+    let mut samples = Vec::new();
+    for i in 0..21 {
+        let path = cluster.write(&format!("p{i}.yaml"), &manifest(i));
+        let before = ups[i % 2].total_requests();
+        let started = Instant::now();
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || c.apply(&path))
+            .await
+            .unwrap();
+        loop {
+            let r = pod.sc.get("/p/v1/messages").await;
+            if r.status == StatusCode::OK && ups[i % 2].total_requests() > before {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "change {i} never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if i > 0 {
+            samples.push(started.elapsed());
+        }
+    }
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    eprintln!(
+        "propagation over {} changes (kubectl apply included): p50 {:?}, p99 {:?}, max {:?}",
+        samples.len(),
+        p(0.5),
+        p(0.99),
+        samples.last().unwrap()
+    );
+    assert!(p(0.5) < Duration::from_secs(1), "p50 {:?}", p(0.5));
+    pod.task.abort();
+    controller.shutdown().await;
+}
+
+/// Two replicas: one leader writes status, both serve snapshots (here over TLS); when the
+/// leader goes, the other takes over within the lease duration and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_failover_and_tls_snapshots() {
+    let pki = pki();
+    let cluster = Cluster::start().await;
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let (_, cert, key) = pki.write_to(cluster.dir.path());
+    let lease = Duration::from_secs(2);
+    let a = start_controller_with(
+        &cluster,
+        &pki,
+        "replica-a",
+        lease,
+        Some((cert.clone(), key.clone())),
+    )
+    .await;
+    let leader = |c: &RunningController| {
+        let addr = c.admin_addr;
+        async move {
+            raw_get(&format!("http://{addr}/metrics"), None)
+                .await
+                .1
+                .lines()
+                .any(|l| l == "provider_proxy_controller_leader 1")
+        }
+    };
+    wait_until(Duration::from_secs(5), "replica a to lead", || leader(&a)).await;
+    let b = start_controller_with(&cluster, &pki, "replica-b", lease, Some((cert, key))).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!leader(&b).await, "only one leader");
+
+    cluster.apply(&cluster.write(
+        "first.yaml",
+        &provider("first", &upstream.base_url(), None, ""),
+    ));
+    cluster.wait_ready_reason("ai", "first", "Ready").await;
+
+    // The non-leader serves snapshots too, over TLS.
+    let pod = start_pod_sidecar(
+        &pki,
+        cluster.dir.path(),
+        "ai",
+        "token-ai",
+        &format!("https://localhost:{}", b.snapshot_addr.port()),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        "a snapshot over TLS from the non-leader",
+        || async { pod.sc.get("/first/v1/messages").await.status == StatusCode::OK },
+    )
+    .await;
+
+    // The leader goes; b takes over and reconciles what changed meanwhile.
+    a.shutdown().await;
+    wait_until(Duration::from_secs(8), "replica b to take over", || {
+        leader(&b)
+    })
+    .await;
+    cluster.apply(&cluster.write(
+        "second.yaml",
+        &provider("second", &upstream.base_url(), None, ""),
+    ));
+    cluster.wait_ready_reason("ai", "second", "Ready").await;
+    let lease = cluster
+        .api
+        .get_json(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            Some("provider-proxy"),
+            "provider-proxy-controller",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    pod.task.abort();
+    b.shutdown().await;
 }

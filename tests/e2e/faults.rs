@@ -13,16 +13,29 @@ use provider_proxy_testkit::{
 use crate::support::*;
 
 struct Cell {
-    name: &'static str,
+    name: String,
     proxy_url: String,
     extra: String,
     class: &'static str,
 }
 
+fn cell(name: &str, proxy_url: String, extra: &str, class: &'static str) -> Cell {
+    Cell {
+        name: name.to_owned(),
+        proxy_url,
+        extra: extra.to_owned(),
+        class,
+    }
+}
+
+/// Every proxy type × every way its path can fail × fallback off/on. Each cell asserts
+/// the client's status and JSON error, the route, that the upstream got the request
+/// exactly once (fallback) or not at all, and the metrics that moved. No cell hangs past
+/// its connect timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_path_failures_with_and_without_fallback() {
     let pki = pki();
-    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let upstream = std::sync::Arc::new(Upstream::start(UpstreamOptions::tls(pki.clone())));
     let stall = FaultProxy::start(Behavior::Stall);
     let s407 = FaultProxy::start(Behavior::Status(407));
     let s403 = FaultProxy::start(Behavior::Status(403));
@@ -30,82 +43,101 @@ async fn proxy_path_failures_with_and_without_fallback() {
     let garbage = FaultProxy::start(Behavior::Garbage);
     let reset = FaultProxy::start(Behavior::ResetAfterRequest);
     let micro = Microsocks::start("micro", "right-password");
-    // An HTTPS proxy whose certificate no configured CA signed.
+    // An HTTPS proxy whose certificate no configured CA signed, and one with Basic auth.
     let other_pki = std::sync::Arc::new(TestPki::new());
-    let squid_tls = Squid::start(SquidOptions {
+    let squid_untrusted = Squid::start(SquidOptions {
         users: vec![],
         https: Some(other_pki),
     });
+    let squid_auth = Squid::start(SquidOptions {
+        users: vec![("alice".into(), "right-password".into())],
+        https: Some(pki.clone()),
+    });
     let closed = closed_port();
-    let cells = vec![
-        Cell {
-            name: "refused",
-            proxy_url: format!("http://127.0.0.1:{closed}"),
-            extra: String::new(),
-            class: "refused",
-        },
-        Cell {
-            name: "refused-socks",
-            proxy_url: format!("socks5://127.0.0.1:{closed}"),
-            extra: String::new(),
-            class: "refused",
-        },
-        Cell {
-            name: "dns",
-            proxy_url: "http://no-such-proxy.invalid:3128".into(),
-            extra: String::new(),
-            class: "dns",
-        },
-        Cell {
-            name: "stall",
-            proxy_url: format!("http://127.0.0.1:{}", stall.port()),
-            extra: String::new(),
-            class: "connect_timeout",
-        },
-        Cell {
-            name: "auth407",
-            proxy_url: format!("http://127.0.0.1:{}", s407.port()),
-            extra: String::new(),
-            class: "proxy_auth",
-        },
-        Cell {
-            name: "forbidden403",
-            proxy_url: format!("http://127.0.0.1:{}", s403.port()),
-            extra: String::new(),
-            class: "tunnel_refused",
-        },
-        Cell {
-            name: "bad502",
-            proxy_url: format!("http://127.0.0.1:{}", s502.port()),
-            extra: String::new(),
-            class: "tunnel_refused",
-        },
-        Cell {
-            name: "garbage",
-            proxy_url: format!("http://127.0.0.1:{}", garbage.port()),
-            extra: String::new(),
-            class: "proxy_protocol",
-        },
-        Cell {
-            name: "reset",
-            proxy_url: format!("http://127.0.0.1:{}", reset.port()),
-            extra: String::new(),
-            class: "proxy_protocol",
-        },
-        Cell {
-            name: "socksauth",
-            proxy_url: format!("socks5://127.0.0.1:{}", micro.port()),
-            extra: "    credentialsSecretRef: {name: wrong-login}\n".into(),
-            class: "proxy_auth",
-        },
-        Cell {
-            name: "proxytls",
-            proxy_url: format!("https://localhost:{}", squid_tls.https_port().unwrap()),
-            extra: String::new(),
-            class: "proxy_tls",
-        },
-    ];
-    let mut yaml = secret("wrong-login", "micro", "wrong-password");
+    let ca = "    caSecretRef: {name: proxy-ca}\n";
+    let wrong = "    credentialsSecretRef: {name: wrong-login}\n";
+    let mut cells = Vec::new();
+    for scheme in ["http", "https", "socks5", "socks5h", "socks4", "socks4a"] {
+        let extra = if scheme == "https" { ca } else { "" };
+        cells.push(cell(
+            &format!("{scheme}-refused"),
+            format!("{scheme}://127.0.0.1:{closed}"),
+            extra,
+            "refused",
+        ));
+        cells.push(cell(
+            &format!("{scheme}-dns"),
+            format!("{scheme}://no-such-proxy.invalid:3128"),
+            extra,
+            "dns",
+        ));
+        cells.push(cell(
+            &format!("{scheme}-stall"),
+            format!("{scheme}://127.0.0.1:{}", stall.port()),
+            extra,
+            "connect_timeout",
+        ));
+        let garbage_class = if scheme == "https" {
+            "proxy_tls"
+        } else {
+            "proxy_protocol"
+        };
+        cells.push(cell(
+            &format!("{scheme}-garbage"),
+            format!("{scheme}://127.0.0.1:{}", garbage.port()),
+            extra,
+            garbage_class,
+        ));
+    }
+    cells.extend([
+        cell(
+            "http-auth407",
+            format!("http://127.0.0.1:{}", s407.port()),
+            "",
+            "proxy_auth",
+        ),
+        cell(
+            "http-forbidden403",
+            format!("http://127.0.0.1:{}", s403.port()),
+            "",
+            "tunnel_refused",
+        ),
+        cell(
+            "http-bad502",
+            format!("http://127.0.0.1:{}", s502.port()),
+            "",
+            "tunnel_refused",
+        ),
+        cell(
+            "http-reset",
+            format!("http://127.0.0.1:{}", reset.port()),
+            "",
+            "proxy_protocol",
+        ),
+        cell(
+            "https-auth407",
+            format!("https://localhost:{}", squid_auth.https_port().unwrap()),
+            &format!("{ca}{wrong}"),
+            "proxy_auth",
+        ),
+        cell(
+            "https-untrusted",
+            format!(
+                "https://localhost:{}",
+                squid_untrusted.https_port().unwrap()
+            ),
+            "",
+            "proxy_tls",
+        ),
+        cell(
+            "socks5-auth",
+            format!("socks5://127.0.0.1:{}", micro.port()),
+            wrong,
+            "proxy_auth",
+        ),
+    ]);
+    let mut yaml =
+        secret("wrong-login", "alice", "wrong-password") + &ca_secret("proxy-ca", &pki.ca_pem());
     for c in &cells {
         for fallback in [false, true] {
             yaml += &format!(
@@ -118,66 +150,75 @@ async fn proxy_path_failures_with_and_without_fallback() {
             );
         }
     }
-    let sc = TestSidecar::with_config(&pki, &yaml).await;
-    for c in &cells {
-        // Without fallback: 503 naming provider, masked proxy and cause; nothing sent.
-        let before = upstream.total_requests();
-        let name = format!("{}-nofb", c.name);
-        let started = Instant::now();
-        let r = sc.post(&format!("/{name}/v1/messages"), r#"{"n":1}"#).await;
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{name} took {:?}",
-            started.elapsed()
-        );
-        assert_eq!(
-            r.status,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "{name}: {}",
-            r.text
-        );
-        assert_eq!(r.route.as_deref(), Some("proxy"), "{name}");
-        let e = &r.json()["error"];
-        assert_eq!(e["type"], "proxy_unavailable", "{name}");
-        assert_eq!(e["provider"], name.as_str());
-        assert_eq!(e["class"], c.class, "{name}: {}", r.text);
-        assert!(
-            e["proxy"]
-                .as_str()
-                .unwrap()
-                .starts_with(c.proxy_url.split("://").next().unwrap())
-        );
-        assert_eq!(
-            upstream.total_requests(),
-            before,
-            "{name}: nothing reached the upstream"
-        );
+    let sc = std::sync::Arc::new(TestSidecar::with_config(&pki, &yaml).await);
+    // Cells run concurrently; each uses its own upstream path for exact counting.
+    let mut runs = Vec::new();
+    for c in cells {
+        let (sc, upstream) = (sc.clone(), upstream.clone());
+        let upstream_requests = move |p: &str| upstream.requests(p);
+        runs.push(tokio::spawn(async move {
+            let path = format!("/v1/messages/{}", c.name);
+            // Without fallback: 503 naming provider, masked proxy and cause; nothing sent.
+            let name = format!("{}-nofb", c.name);
+            let started = Instant::now();
+            let r = sc.post(&format!("/{name}{path}"), r#"{"n":1}"#).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{name} took {:?}",
+                started.elapsed()
+            );
+            assert_eq!(
+                r.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{name}: {}",
+                r.text
+            );
+            assert_eq!(r.route.as_deref(), Some("proxy"), "{name}");
+            let e = &r.json()["error"];
+            assert_eq!(e["type"], "proxy_unavailable", "{name}");
+            assert_eq!(e["provider"], name.as_str());
+            assert_eq!(e["class"], c.class, "{name}: {}", r.text);
+            assert!(
+                e["proxy"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(c.proxy_url.split("://").next().unwrap())
+            );
+            assert_eq!(
+                upstream_requests(&path),
+                0,
+                "{name}: nothing reached the upstream"
+            );
 
-        // With fallback: the request goes direct, exactly once, body intact.
-        let name = format!("{}-fb", c.name);
-        let r = sc.post(&format!("/{name}/v1/messages"), r#"{"n":1}"#).await;
-        r.assert_ok("fallback");
-        assert_eq!(r.json()["body_len"], 7, "{name}");
-        assert_eq!(
-            upstream.total_requests(),
-            before + 1,
-            "{name}: sent exactly once"
-        );
+            // With fallback: the request goes direct, exactly once, body intact.
+            let name = format!("{}-fb", c.name);
+            let r = sc.post(&format!("/{name}{path}"), r#"{"n":1}"#).await;
+            r.assert_ok("fallback");
+            assert_eq!(r.json()["body_len"], 7, "{name}");
+            assert_eq!(upstream_requests(&path), 1, "{name}: sent exactly once");
+            (c.name, c.class)
+        }));
+    }
+    let mut done = Vec::new();
+    for r in runs {
+        done.push(r.await.unwrap());
     }
     let m = sc.metrics().await;
-    assert!(
-        m.contains(
-            "provider_proxy_fallbacks_total{class=\"proxy_auth\",provider=\"auth407-fb\"} 1"
-        ),
-        "{m}"
-    );
-    assert!(
-        m.contains(
-            "provider_proxy_unavailable_total{class=\"connect_timeout\",provider=\"stall-nofb\"} 1"
-        ),
-        "{m}"
-    );
-    assert!(m.contains("provider_proxy_requests_total{protocol=\"h1\",provider=\"dns-fb\",route=\"fallback\",status_class=\"2xx\"} 1"), "{m}");
+    for (name, class) in done {
+        for (what, provider) in [
+            ("fallbacks", format!("{name}-fb")),
+            ("unavailable", format!("{name}-nofb")),
+        ] {
+            let series = format!(
+                "provider_proxy_{what}_total{{class=\"{class}\",provider=\"{provider}\"}} 1"
+            );
+            assert!(m.contains(&series), "missing {series}");
+        }
+        let ok = format!(
+            "provider_proxy_requests_total{{protocol=\"h1\",provider=\"{name}-fb\",route=\"fallback\",status_class=\"2xx\"}} 1"
+        );
+        assert!(m.contains(&ok), "missing {ok}");
+    }
 }
 
 /// A certificate failure on the upstream is not a proxy-path failure: no fallback, ever.

@@ -11,3 +11,4 @@ mod helm;
 mod hygiene;
 mod observability;
 mod pool;
+mod reliability;

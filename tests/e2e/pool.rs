@@ -185,3 +185,33 @@ async fn streams_survive_sweep_ttl_lifetime_and_lru_storm() {
     );
     assert!(sc.sidecar.pool.len() <= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_after_the_idle_timeout() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let sc = TestSidecar::start(
+        &pki,
+        PoolSettings {
+            idle_timeout: Duration::from_millis(300),
+            ..PoolSettings::default()
+        },
+    )
+    .await;
+    sc.apply(&provider("p", &upstream.base_url(), None, ""), 1);
+    sc.get("/p/v1/messages").await.assert_ok("direct");
+    sc.get("/p/v1/messages").await.assert_ok("direct");
+    assert_eq!(upstream.connections(), 1, "reused while fresh");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    sc.get("/p/v1/messages").await.assert_ok("direct");
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "the idle connection was closed, a new one opened"
+    );
+    assert_eq!(
+        sc.sidecar.pool.len(),
+        1,
+        "the agent itself stays (its TTL is longer)"
+    );
+}

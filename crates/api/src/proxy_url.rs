@@ -369,7 +369,7 @@ pub(crate) fn parse_host_port(hostport: &str) -> Result<(ProxyHost, Option<u16>)
 }
 
 fn parse_host(host: &str) -> Result<ProxyHost, ProxyUrlError> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
+    if let Ok(ip) = host.strip_suffix('.').unwrap_or(host).parse::<IpAddr>() {
         return Ok(ProxyHost::Ip(ip));
     }
     let valid_label = |l: &str| {

@@ -13,11 +13,20 @@ use crate::settings::CheckArgs;
 /// Probe every provider; Ok(true) when all succeeded.
 pub async fn run(args: CheckArgs) -> Result<bool, String> {
     let mut manifests = Manifests::default();
-    for (path, text) in read_sources(&args.file).map_err(|e| e.to_string())? {
-        manifests
-            .parse_yaml(&path.display().to_string(), &text)
-            .map_err(|e| e.to_string())?;
-    }
+    let source = match &args.file {
+        Some(file) => {
+            for (path, text) in read_sources(file).map_err(|e| e.to_string())? {
+                manifests
+                    .parse_yaml(&path.display().to_string(), &text)
+                    .map_err(|e| e.to_string())?;
+            }
+            file.display().to_string()
+        }
+        None => {
+            from_cluster(&args, &mut manifests).await?;
+            format!("namespace {}", args.namespace)
+        }
+    };
     let snapshot = manifests.build_snapshot(1, &args.timeouts.timeouts()?);
     let pool = AgentPool::new(
         PoolSettings::default(),
@@ -59,10 +68,7 @@ pub async fn run(args: CheckArgs) -> Result<bool, String> {
     if let Some(n) = &args.name
         && rows.is_empty()
     {
-        return Err(format!(
-            "no provider named {n:?} in {}",
-            args.file.display()
-        ));
+        return Err(format!("no provider named {n:?} in {source}"));
     }
     if args.json {
         println!("{}", serde_json::Value::Array(rows));
@@ -100,4 +106,43 @@ pub async fn run(args: CheckArgs) -> Result<bool, String> {
         }
     }
     Ok(all_ok)
+}
+
+/// Read the ProviderProxies of a namespace (or one of them) and the Secrets they name.
+async fn from_cluster(args: &CheckArgs, manifests: &mut Manifests) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::Api;
+    use provider_proxy_api::{ProviderProxy, referenced_secrets};
+
+    let client = crate::settings::kube_client(args.kubeconfig.as_deref()).await?;
+    let pps: Api<ProviderProxy> = Api::namespaced(client.clone(), &args.namespace);
+    let found = match &args.name {
+        Some(n) => vec![
+            pps.get_opt(n)
+                .await
+                .map_err(|e| format!("reading ProviderProxy {n}: {e}"))?
+                .ok_or_else(|| format!("no ProviderProxy {n:?} in namespace {}", args.namespace))?,
+        ],
+        None => {
+            pps.list(&Default::default())
+                .await
+                .map_err(|e| format!("listing ProviderProxies: {e}"))?
+                .items
+        }
+    };
+    let secrets: Api<Secret> = Api::namespaced(client, &args.namespace);
+    let mut names: Vec<String> = found.iter().flat_map(referenced_secrets).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        if let Some(s) = secrets
+            .get_opt(&name)
+            .await
+            .map_err(|e| format!("reading Secret {name}: {e}"))?
+        {
+            manifests.secrets.push(s);
+        }
+    }
+    manifests.providers = found;
+    Ok(())
 }

@@ -326,9 +326,16 @@ pub async fn shutdown_signal() {
 
 #[derive(Args)]
 pub struct CheckArgs {
-    /// Manifests with the ProviderProxies (and their Secrets) to test.
-    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
-    pub file: PathBuf,
+    /// Manifests with the ProviderProxies (and their Secrets) to test. Without it, the
+    /// ProviderProxies are read from the cluster (kubeconfig or in-cluster config).
+    #[arg(short = 'f', long = "filename", value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// Namespace to read ProviderProxies and Secrets from (cluster mode).
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// kubeconfig to use instead of $KUBECONFIG / ~/.kube/config (cluster mode).
+    #[arg(long, env = "KUBECONFIG_PATH")]
+    pub kubeconfig: Option<PathBuf>,
     /// Test only this provider.
     pub name: Option<String>,
     /// Print JSON instead of a table.
@@ -373,6 +380,14 @@ pub struct ControllerArgs {
     /// Elect one writer among replicas with a Lease.
     #[arg(long, env = "LEADER_ELECTION", default_value_t = false)]
     pub leader_election: bool,
+    /// Seconds a leader's lease lasts without renewal (it renews every fifth of that).
+    #[arg(
+        long,
+        env = "LEASE_DURATION",
+        default_value_t = 15,
+        value_name = "SECONDS"
+    )]
+    pub lease_duration: u64,
     #[arg(long, env = "LEASE_NAME", default_value = "provider-proxy-controller")]
     pub lease_name: String,
     /// Namespace of the Lease (the controller's own).
@@ -397,19 +412,7 @@ pub struct ControllerArgs {
 }
 
 pub async fn run_controller(args: ControllerArgs) -> Result<(), String> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| e.to_string())?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| format!("no Kubernetes config: {e}"))?,
-    };
-    let client = kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
     let settings = provider_proxy_controller::ControllerSettings {
         admin: args.admin,
         snapshot_listen: args.snapshot_listen,
@@ -421,6 +424,7 @@ pub async fn run_controller(args: ControllerArgs) -> Result<(), String> {
         probe_interval: Duration::from_secs(args.probe_interval),
         probe_concurrency: args.probe_concurrency,
         leader_election: args.leader_election,
+        lease_duration: Duration::from_secs(args.lease_duration.max(1)),
         lease_name: args.lease_name,
         lease_namespace: args.lease_namespace,
         identity: args.identity,
@@ -435,4 +439,21 @@ pub async fn run_controller(args: ControllerArgs) -> Result<(), String> {
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+/// A Kubernetes client from the given kubeconfig, or $KUBECONFIG / in-cluster config.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no Kubernetes config: {e}"))?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }

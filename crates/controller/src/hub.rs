@@ -12,6 +12,8 @@ use tokio::sync::watch;
 struct Namespace {
     providers: BTreeMap<String, Result<Arc<Provider>, Vec<FieldIssue>>>,
     tx: watch::Sender<Arc<Snapshot>>,
+    /// When the current version was published (push latency).
+    published_at: std::time::Instant,
 }
 
 /// Per-namespace snapshots. Versions are unique and increasing across all namespaces and
@@ -48,10 +50,16 @@ impl SnapshotHub {
         map.entry(ns.to_owned()).or_insert_with(|| Namespace {
             providers: BTreeMap::new(),
             tx: watch::Sender::new(Arc::new(Snapshot::default())),
+            published_at: std::time::Instant::now(),
         })
     }
 
     /// Record one provider's resolution; publishes a new version if anything changed.
+    ///
+    /// A provider that was good and turns invalid (its Secret deleted, a typo in an edit)
+    /// keeps its last good config in the sidecars: its status says what is wrong, and
+    /// running apps lose nothing. Only a provider that was never valid is published as
+    /// invalid (and answered 503 with the reason).
     pub fn upsert(
         &self,
         ns: &str,
@@ -60,6 +68,9 @@ impl SnapshotHub {
     ) -> bool {
         let mut map = self.lock();
         let entry = Self::namespace(&mut map, ns);
+        if resolution.is_err() && matches!(entry.providers.get(name), Some(Ok(_))) {
+            return false;
+        }
         let new = resolution.map(Arc::new);
         let unchanged = match (entry.providers.get(name), &new) {
             (Some(Ok(a)), Ok(b)) => same_provider(a, b),
@@ -115,6 +126,7 @@ impl SnapshotHub {
                 }
             }
         }
+        entry.published_at = std::time::Instant::now();
         entry.tx.send_replace(Arc::new(snap));
     }
 
@@ -122,6 +134,13 @@ impl SnapshotHub {
     pub fn subscribe(&self, ns: &str) -> watch::Receiver<Arc<Snapshot>> {
         let mut map = self.lock();
         Self::namespace(&mut map, ns).tx.subscribe()
+    }
+
+    /// When `version` was published in `ns`, if it is still the current one.
+    pub fn published_at(&self, ns: &str, version: u64) -> Option<std::time::Instant> {
+        let map = self.lock();
+        let entry = map.get(ns)?;
+        (entry.tx.borrow().version == version).then_some(entry.published_at)
     }
 
     pub fn current(&self, ns: &str) -> Arc<Snapshot> {
@@ -181,6 +200,16 @@ mod tests {
         let v2 = rx.borrow_and_update().version;
         assert!(v2 > v1);
         hub.upsert("b", "q", Ok(provider("https://three.example")));
+        // Turning invalid keeps the last good config; a never-valid one is published invalid.
+        let issue = FieldIssue {
+            path: "spec.proxy.credentialsSecretRef".into(),
+            reason: provider_proxy_api::Reason::SecretNotFound,
+            message: "gone".into(),
+        };
+        assert!(!hub.upsert("b", "q", Err(vec![issue.clone()])));
+        assert!(hub.current("b").providers.contains_key("q"));
+        assert!(hub.upsert("b", "new", Err(vec![issue])));
+        assert!(hub.current("b").invalid.contains_key("new"));
         assert_eq!(
             hub.current("a").providers.keys().collect::<Vec<_>>(),
             vec!["p"]

@@ -19,6 +19,9 @@ pub struct ControllerMetrics {
     pub pushes: IntCounterVec,
     pub push_rejections: IntCounterVec,
     pub leader: IntGauge,
+    pub providers: IntGaugeVec,
+    pub snapshot_version: IntGaugeVec,
+    pub push_latency: HistogramVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -96,6 +99,24 @@ impl ControllerMetrics {
                 &["reason"],
             ),
             leader,
+            providers: gauge_vec(
+                "provider_proxy_controller_providers",
+                "ProviderProxies by their Ready condition (true|false).",
+                &["ready"],
+            ),
+            snapshot_version: gauge_vec(
+                "provider_proxy_controller_snapshot_version",
+                "Latest snapshot version published, by namespace (sidecars log the version they run).",
+                &["namespace"],
+            ),
+            push_latency: histogram(
+                "provider_proxy_controller_push_latency_seconds",
+                "From a snapshot's publication to its write into a sidecar's stream.",
+                &[],
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ],
+            ),
             registry,
         })
     }

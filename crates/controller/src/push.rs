@@ -211,6 +211,7 @@ impl PushService {
             .with_label_values(&[&caller.namespace]);
         gauge.inc();
         let state = StreamState {
+            hub: self.hub.clone(),
             rx,
             sent: have,
             caller,
@@ -241,6 +242,7 @@ impl Drop for Connected {
 }
 
 struct StreamState {
+    hub: Arc<SnapshotHub>,
     rx: tokio::sync::watch::Receiver<Arc<provider_proxy_api::Snapshot>>,
     sent: u64,
     caller: Caller,
@@ -276,6 +278,12 @@ async fn next_frame(
         st.sent = snap.version.max(1);
         let mut line = WireSnapshot::from_snapshot(&st.caller.namespace, &snap).to_json();
         line.push('\n');
+        if let Some(at) = st.hub.published_at(&st.caller.namespace, snap.version) {
+            st.metrics
+                .push_latency
+                .with_label_values(&[] as &[&str])
+                .observe(at.elapsed().as_secs_f64());
+        }
         st.metrics
             .pushes
             .with_label_values(&[&st.caller.namespace])

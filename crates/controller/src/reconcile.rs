@@ -62,6 +62,8 @@ pub struct Context {
     /// Only the leader probes and writes; every replica resolves and serves snapshots.
     pub is_leader: Arc<dyn Fn() -> bool + Send + Sync>,
     memo: Mutex<HashMap<(String, String), Memo>>,
+    /// Ready per provider, for the providers-by-condition gauge.
+    ready: Mutex<HashMap<(String, String), bool>>,
 }
 
 /// What the last probe saw, to probe again only on change or when due.
@@ -97,14 +99,34 @@ impl Context {
             probe_slots: Arc::new(tokio::sync::Semaphore::new(probe_concurrency.max(1))),
             is_leader,
             memo: Mutex::new(HashMap::new()),
+            ready: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn forget(&self, ns: &str, name: &str) {
+        let key = (ns.to_owned(), name.to_owned());
         self.memo
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&(ns.to_owned(), name.to_owned()));
+            .remove(&key);
+        self.set_ready(key, None);
+    }
+
+    fn set_ready(&self, key: (String, String), ready: Option<bool>) {
+        let mut map = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        match ready {
+            Some(r) => map.insert(key, r),
+            None => map.remove(&key),
+        };
+        let ready_count = map.values().filter(|r| **r).count() as i64;
+        self.metrics
+            .providers
+            .with_label_values(&["true"])
+            .set(ready_count);
+        self.metrics
+            .providers
+            .with_label_values(&["false"])
+            .set(map.len() as i64 - ready_count);
     }
 }
 
@@ -131,6 +153,11 @@ async fn reconcile_inner(pp: &ProviderProxy, ctx: &Context) -> Result<Action, Er
     };
     // publish to this namespace's sidecars
     if ctx.hub.upsert(&ns, &name, resolution.clone()) {
+        let version = ctx.hub.current(&ns).version;
+        ctx.metrics
+            .snapshot_version
+            .with_label_values(&[&ns])
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         tracing::info!(namespace = %ns, provider = %name, version = ctx.hub.current(&ns).version, "snapshot published");
     }
 
@@ -197,6 +224,10 @@ async fn reconcile_inner(pp: &ProviderProxy, ctx: &Context) -> Result<Action, Er
         pp.status.as_ref(),
         &now,
         masked_proxy,
+    );
+    ctx.set_ready(
+        (ns.clone(), name.clone()),
+        ready_of(Some(&status)).map(|(s, _)| s == "True"),
     );
     if pp.status.as_ref() != Some(&status) {
         let api: Api<ProviderProxy> = Api::namespaced(ctx.client.clone(), &ns);

@@ -40,6 +40,8 @@ pub struct ControllerSettings {
     pub probe_interval: Duration,
     pub probe_concurrency: usize,
     pub leader_election: bool,
+    /// How long a lease holds without renewal; renewed every fifth of it.
+    pub lease_duration: Duration,
     pub lease_name: String,
     pub lease_namespace: String,
     pub identity: String,
@@ -106,18 +108,23 @@ pub async fn start(
 
     let leader = Arc::new(AtomicBool::new(!settings.leader_election));
     metrics.leader.set(i64::from(!settings.leader_election));
+    // Becoming leader re-reconciles everything: only the leader probes and writes status.
+    let (became_leader, leadership) = watch::channel(());
     if settings.leader_election {
         let election = LeaderElection {
             api: lease_api(client.clone(), &settings.lease_namespace),
             name: settings.lease_name.clone(),
             identity: settings.identity.clone(),
-            lease_duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(2),
+            lease_duration: settings.lease_duration,
+            renew_every: (settings.lease_duration / 5).max(Duration::from_millis(100)),
         };
         let m = metrics.clone();
-        tasks.push(tokio::spawn(
-            election.run(leader.clone(), move |held| m.leader.set(i64::from(held))),
-        ));
+        tasks.push(tokio::spawn(election.run(leader.clone(), move |held| {
+            m.leader.set(i64::from(held));
+            if held {
+                became_leader.send_replace(());
+            }
+        })));
     }
 
     let admin = bind(settings.admin, "admin").await?;
@@ -205,6 +212,7 @@ pub async fn start(
                 watcher::Config::default(),
                 move |secret: Secret| providers_using(&store, &secret),
             )
+            .reconcile_all_on(leadership_changes(leadership.clone()))
             .graceful_shutdown_on(shutdown)
             .run(reconcile, error_policy, ctx)
             .for_each(|result| async move {
@@ -285,6 +293,14 @@ fn providers_using(store: &Store<ProviderProxy>, secret: &Secret) -> Vec<ObjectR
         .filter(|pp| pp.namespace() == ns && referenced_secrets(pp).contains(&name))
         .map(|pp| ObjectRef::from(pp.as_ref()))
         .collect()
+}
+
+/// One item each time this replica becomes leader.
+fn leadership_changes(rx: watch::Receiver<()>) -> impl futures_util::Stream<Item = ()> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {
