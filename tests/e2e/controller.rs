@@ -521,6 +521,21 @@ async fn push_reaches_sidecars_isolated_by_namespace_and_survives_controller_res
         );
     }
 
+    // Path tricks reach nothing: only the exact stream path exists.
+    for path in [
+        "/v1/snapshots/",
+        "/v1/snapshots/other",
+        "//v1/snapshots",
+        "/v1/snapshots/../snapshots",
+        "/v1/namespaces/other/snapshots",
+    ] {
+        let (status, body) = raw_get(&format!("{url}{path}"), Some("token-ai")).await;
+        assert!(
+            status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST,
+            "{path}: {status} {body}"
+        );
+    }
+
     // kubectl apply → the sidecar in "ai" routes through Squid.
     cluster.apply(&cluster.write(
         "ai.yaml",

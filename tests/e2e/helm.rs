@@ -123,35 +123,6 @@ const SIDECAR_FLAGS: &[&str] = &[
     "--admin",
 ];
 
-/// Sidecar metrics the dashboard may query, with their labels (besides `le` of histograms
-/// and the `namespace`/`pod` labels Prometheus adds), as crates/dataplane/src/metrics.rs
-/// registers them.
-const SIDECAR_METRICS: &[(&str, &[&str])] = &[
-    (
-        "provider_proxy_requests_total",
-        &["provider", "route", "status_class", "protocol"],
-    ),
-    (
-        "provider_proxy_request_duration_seconds_bucket",
-        &["provider", "route"],
-    ),
-    (
-        "provider_proxy_response_first_byte_seconds_bucket",
-        &["provider", "route"],
-    ),
-    (
-        "provider_proxy_proxy_failures_total",
-        &["provider", "class"],
-    ),
-    ("provider_proxy_fallbacks_total", &["provider", "class"]),
-    ("provider_proxy_unavailable_total", &["provider", "class"]),
-    ("provider_proxy_pool_agents", &["state"]),
-    ("provider_proxy_pool_evictions_total", &["reason"]),
-    ("provider_proxy_config_version", &[]),
-    ("provider_proxy_config_last_update_timestamp_seconds", &[]),
-    ("provider_proxy_in_flight_requests", &["provider"]),
-];
-
 // ---------------------------------------------------------------------------------------
 // Running helm.
 
@@ -1287,8 +1258,46 @@ fn sidecar_example_is_the_charts_fragment_in_a_deployment() {
 // ---------------------------------------------------------------------------------------
 // Dashboard.
 
-#[test]
-fn dashboard_ships_in_a_labelled_configmap_and_queries_real_metrics() {
+/// Labels the Prometheus Operator puts on every series scraped through a ServiceMonitor (the
+/// controller) or a PodMonitor (the sidecars). With `honorLabels: false` an exported label of
+/// the same name is kept as `exported_<name>`.
+const SERVICE_MONITOR_LABELS: &[&str] = &[
+    "namespace",
+    "service",
+    "pod",
+    "container",
+    "endpoint",
+    "job",
+    "instance",
+];
+const POD_MONITOR_LABELS: &[&str] = &[
+    "namespace",
+    "pod",
+    "container",
+    "endpoint",
+    "job",
+    "instance",
+];
+
+/// One series name as Prometheus stores it after the chart's monitors scraped it.
+#[derive(Debug)]
+struct Series {
+    /// "sidecar" or "controller".
+    source: &'static str,
+    /// Its family (`# TYPE` name): a histogram's `_bucket`, `_sum` and `_count` share one.
+    family: String,
+    /// Label names as stored: exported ones (`le` included), renamed where a target label
+    /// displaced them.
+    labels: BTreeSet<String>,
+    /// Target labels of the monitor that scrapes it.
+    target: &'static [&'static str],
+    /// Target labels that displaced an exported label of the same name: on this series they
+    /// mean the scraped pod's, not the metric's (which is `exported_<name>`).
+    displaced: BTreeSet<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_ships_in_a_labelled_configmap_and_queries_real_metrics() {
     let file = read(&format!("{CHART}/dashboards/provider-proxy.json"));
     let dashboard: Value = serde_json::from_str(&file).expect("dashboard is JSON");
 
@@ -1302,60 +1311,351 @@ fn dashboard_ships_in_a_labelled_configmap_and_queries_real_metrics() {
         serde_json::from_str::<Value>(&shipped).expect("JSON"),
         dashboard
     );
-
     assert_eq!(dashboard["uid"], "provider-proxy");
-    let panels = dashboard["panels"].as_array().expect("panels");
-    let known: BTreeMap<&str, &[&str]> = SIDECAR_METRICS.iter().copied().collect();
-    let mut used = BTreeSet::new();
-    let mut exprs = 0;
-    for panel in panels {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let expr = target["expr"].as_str().expect("expr");
-            exprs += 1;
-            for (metric, matchers) in metric_selectors(expr) {
-                let Some(labels) = known.get(metric.as_str()) else {
-                    panic!(
-                        "panel {:?} queries {metric}, which the sidecar does not export",
-                        panel["title"]
-                    );
-                };
-                for label in matchers {
-                    assert!(
-                        labels.contains(&label.as_str())
-                            || ["namespace", "pod"].contains(&label.as_str()),
-                        "panel {:?}: {metric} has no label {label}",
-                        panel["title"]
-                    );
-                }
-                used.insert(metric);
-            }
-            // Aggregation labels must exist on the metrics of the query.
-            let allowed: BTreeSet<&str> = metric_selectors(expr)
-                .iter()
-                .flat_map(|(m, _)| known[m.as_str()].iter().copied())
-                .chain(["le", "namespace", "pod"])
-                .collect();
-            for label in by_labels(expr) {
-                assert!(
-                    allowed.contains(label.as_str()),
-                    "panel {:?}: `by ({label})` is not a label of {expr}",
-                    panel["title"]
-                );
+    let variables: BTreeSet<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    for v in ["datasource", "namespace", "provider"] {
+        assert!(
+            variables.contains(v),
+            "variable ${v} missing: {variables:?}"
+        );
+    }
+
+    // What the code really exports: an in-process sidecar and controller after some
+    // traffic, scraped; labelled as the chart's monitors (as rendered) store them.
+    let monitors = render(&[
+        "--api-versions",
+        MONITORING_API,
+        "--set",
+        "serviceMonitor.enabled=true,podMonitor.enabled=true",
+    ]);
+    let honors = |kind: &str, endpoints: &str| {
+        let eps = monitors.all(kind)[0]["spec"][endpoints]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(eps.len(), 1, "{kind}: one endpoint");
+        eps[0]["honorLabels"].as_bool().expect("honorLabels")
+    };
+    let mut exported = BTreeMap::new();
+    for (source, text, honor, target) in [
+        (
+            "sidecar",
+            scrape_sidecar().await,
+            honors("PodMonitor", "podMetricsEndpoints"),
+            POD_MONITOR_LABELS,
+        ),
+        (
+            "controller",
+            scrape_controller().await,
+            honors("ServiceMonitor", "endpoints"),
+            SERVICE_MONITOR_LABELS,
+        ),
+    ] {
+        for (name, series) in scraped_series(source, &text, honor, target) {
+            if let Some(other) = exported.insert(name.clone(), series) {
+                panic!("{name} exported by both the sidecar and the controller: {other:?}");
             }
         }
     }
-    assert!(exprs > 0);
-    assert_eq!(
-        used.len(),
-        known.len(),
-        "every metric has a panel; unused: {:?}",
-        known
-            .keys()
-            .filter(|k| !used.contains(**k))
-            .collect::<Vec<_>>()
-    );
+    for family in [
+        "provider_proxy_requests_total",
+        "provider_proxy_controller_leader",
+    ] {
+        assert!(exported.contains_key(family), "{family} not scraped");
+    }
+
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() > 2, "{queries:?}");
+    let mut used = BTreeSet::new();
+    for (owner, expr, legend) in &queries {
+        let selectors = metric_selectors(expr);
+        let mut allowed = BTreeSet::new();
+        let mut displaced = BTreeSet::new();
+        for (metric, matchers) in &selectors {
+            let Some(series) = exported.get(metric.as_str()) else {
+                panic!(
+                    "{owner} queries {metric}, which neither the sidecar nor the controller \
+                     exports (or the test's traffic never made it appear); exported: {:?}",
+                    exported.keys().collect::<Vec<_>>()
+                );
+            };
+            for label in matchers {
+                check_label(owner, metric, series, label);
+            }
+            allowed.extend(series.labels.iter().cloned());
+            allowed.extend(series.target.iter().map(|l| (*l).to_owned()));
+            displaced.extend(series.displaced.iter().cloned());
+            used.insert(series.family.clone());
+        }
+        // Aggregation labels, `label_values` and legends must exist on the query's series.
+        let by = by_labels(expr);
+        let label_value = label_values_label(expr);
+        for label in by.iter().chain(label_value.iter()) {
+            assert!(
+                allowed.contains(label) && !displaced.contains(label),
+                "{owner}: label {label} of {expr} is not on its series {:?}{}",
+                allowed,
+                if displaced.contains(label) {
+                    format!(" as the metric's own (use exported_{label})")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let result: BTreeSet<String> = if !by.is_empty() {
+            by.into_iter().filter(|l| l != "le").collect()
+        } else if ["sum(", "max(", "min(", "avg(", "count("]
+            .iter()
+            .any(|a| expr.starts_with(a))
+        {
+            BTreeSet::new()
+        } else {
+            &allowed - &displaced
+        };
+        let legend = legend.as_deref().unwrap_or("");
+        for label in legend_labels(legend) {
+            assert!(
+                result.contains(&label),
+                "{owner}: legend {legend:?} names {label}, which {expr} does not return \
+                 (it returns {result:?})"
+            );
+        }
+    }
+    let families: BTreeSet<String> = exported.values().map(|s| s.family.clone()).collect();
+    let unused: Vec<_> = families.difference(&used).collect();
+    assert!(unused.is_empty(), "exported but on no panel: {unused:?}");
 
     // Off: no ConfigMap (checked in every_toggle_on_renders_valid_objects).
+}
+
+/// `label` in a matcher on `metric`: exported or added by the scrape, and not a target label
+/// standing where the metric's own label was (that one is `exported_<label>`).
+#[track_caller]
+fn check_label(owner: &str, metric: &str, series: &Series, label: &str) {
+    assert!(
+        !series.displaced.contains(label),
+        "{owner}: on {metric}, `{label}` is the label of the scraped {} pod; the metric's own \
+         {label} is `exported_{label}` (the chart's monitor has honorLabels: false)",
+        series.source
+    );
+    assert!(
+        series.labels.contains(label) || series.target.contains(&label),
+        "{owner}: {metric} has no label {label} (it has {:?}, plus {:?} from the scrape)",
+        series.labels,
+        series.target
+    );
+}
+
+/// Traffic through an in-process sidecar that makes every labelled family appear: a request
+/// through a tunnel, a 407 with fallback and one without. Returns its `/metrics`.
+async fn scrape_sidecar() -> String {
+    use crate::support::{TestSidecar, pki, provider};
+    use provider_proxy_testkit::{Behavior, FaultProxy, Upstream, UpstreamOptions};
+
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let tunnel = FaultProxy::start(Behavior::Connect { users: vec![] });
+    let refuses = FaultProxy::start(Behavior::Status(407));
+    let base = upstream.base_url();
+    let via = |p: &FaultProxy| format!("http://127.0.0.1:{}", p.port());
+    let yaml = provider("tunnel", &base, Some(&via(&tunnel)), "")
+        + &provider(
+            "fb",
+            &base,
+            Some(&via(&refuses)),
+            "  fallbackToDirect: true\n",
+        )
+        + &provider("nofb", &base, Some(&via(&refuses)), "");
+    let sc = TestSidecar::with_config(&pki, &yaml).await;
+    sc.post("/tunnel/v1/messages", "{}")
+        .await
+        .assert_ok("proxy");
+    sc.post("/fb/v1/messages", "{}").await.assert_ok("fallback");
+    assert_eq!(
+        sc.post("/nofb/v1/messages", "{}").await.status,
+        http::StatusCode::SERVICE_UNAVAILABLE
+    );
+    let text = sc.metrics().await;
+    sc.stop().await;
+    text
+}
+
+/// An in-process controller on the fake API server with one ProviderProxy (reconciled,
+/// published and probed), one refused and one accepted snapshot stream. Returns its
+/// `/metrics`.
+async fn scrape_controller() -> String {
+    use crate::controller::{Cluster, raw_get, start_controller, wait_until};
+    use http::StatusCode;
+    use provider_proxy_testkit::{Upstream, UpstreamOptions};
+
+    let pki = crate::support::pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let cluster = Cluster::start().await;
+    let controller = start_controller(&cluster, &pki).await;
+    cluster
+        .api
+        .create_json(serde_json::json!({
+            "apiVersion": "providerproxy.dev/v1alpha1",
+            "kind": "ProviderProxy",
+            "metadata": {"name": "direct", "namespace": "ai"},
+            "spec": {"upstream": upstream.base_url()},
+        }))
+        .expect("ProviderProxy created");
+    let metrics = format!("http://{}/metrics", controller.admin_addr);
+    wait_until(
+        std::time::Duration::from_secs(15),
+        "the controller to reconcile, publish and probe",
+        || async {
+            let text = raw_get(&metrics, None).await.1;
+            text.contains("provider_proxy_controller_probes_total{")
+                && text.contains("provider_proxy_controller_reconciles_total{")
+                && text.contains("provider_proxy_controller_snapshot_version{")
+        },
+    )
+    .await;
+    // Streams once the snapshot is published (so its push latency is known): one refused,
+    // one of a sidecar in namespace ai.
+    let snapshots = format!("http://{}/v1/snapshots", controller.snapshot_addr);
+    assert_eq!(raw_get(&snapshots, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        raw_get(&snapshots, Some("token-ai")).await.0,
+        StatusCode::OK
+    );
+    let text = raw_get(&metrics, None).await.1;
+    controller.shutdown().await;
+    text
+}
+
+/// The series of a Prometheus text exposition, by name, labelled as a monitor with
+/// `honor_labels` and these target labels stores them.
+fn scraped_series(
+    source: &'static str,
+    text: &str,
+    honor_labels: bool,
+    target: &'static [&'static str],
+) -> BTreeMap<String, Series> {
+    let mut types = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.split_once(' ').expect("# TYPE name type");
+            types.insert(family.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let end = line.find(['{', ' ']).expect("sample with a value");
+        let name = &line[..end];
+        let family = if types.contains_key(name) {
+            name
+        } else {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| {
+                    matches!(
+                        types.get(*f).map(String::as_str),
+                        Some("histogram" | "summary")
+                    )
+                })
+                .unwrap_or_else(|| panic!("{source}: sample {name} without # TYPE"))
+        };
+        let mut labels = BTreeSet::new();
+        let mut displaced = BTreeSet::new();
+        if let Some(body) = line[end..].strip_prefix('{') {
+            for label in matcher_labels(body).0 {
+                if !honor_labels && target.contains(&label.as_str()) {
+                    labels.insert(format!("exported_{label}"));
+                    displaced.insert(label);
+                } else {
+                    labels.insert(label);
+                }
+            }
+        }
+        let series = out.entry(name.to_owned()).or_insert_with(|| Series {
+            source,
+            family: family.to_owned(),
+            labels: labels.clone(),
+            target,
+            displaced: displaced.clone(),
+        });
+        assert_eq!(
+            series.labels, labels,
+            "{source}: {name} with differing labels"
+        );
+    }
+    out
+}
+
+/// The label names of a `{name="value", name2=~"v"}` body (without its `{`), and what follows
+/// the closing `}`. Quoted values may hold any character, escaped quotes included.
+fn matcher_labels(body: &str) -> (Vec<String>, &str) {
+    let mut names = Vec::new();
+    let mut name = String::new();
+    let mut chars = body.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '}' => return (names, &body[i + 1..]),
+            '"' => {
+                names.push(std::mem::take(&mut name).trim().to_owned());
+                while let Some((_, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '=' | '!' | '~' | ',' => {}
+            _ => name.push(c),
+        }
+    }
+    panic!("unclosed matcher: {{{body}");
+}
+
+/// Every PromQL expression of the dashboard, with its owner (panel or variable) and legend:
+/// the panels' targets (those inside collapsed rows too) and the query variables.
+fn dashboard_queries(dashboard: &Value) -> Vec<(String, String, Option<String>)> {
+    fn panels(list: &Value, out: &mut Vec<(String, String, Option<String>)>) {
+        for panel in list.as_array().into_iter().flatten() {
+            let owner = format!("panel {:?}", panel["title"].as_str().unwrap_or(""));
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().expect("expr");
+                let legend = target["legendFormat"].as_str().map(str::to_owned);
+                out.push((owner.clone(), expr.to_owned(), legend));
+            }
+            panels(&panel["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    panels(&dashboard["panels"], &mut out);
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if var["type"] != "query" {
+            continue;
+        }
+        let owner = format!("variable ${}", var["name"].as_str().unwrap_or(""));
+        let query = var["query"]["query"]
+            .as_str()
+            .or(var["query"].as_str())
+            .expect("query");
+        out.push((owner.clone(), query.to_owned(), None));
+        if let Some(definition) = var["definition"].as_str() {
+            out.push((owner, definition.to_owned(), None));
+        }
+    }
+    out
 }
 
 /// Each `provider_proxy_*` metric in a PromQL expression, with the label names of its
@@ -1372,28 +1672,55 @@ fn metric_selectors(expr: &str) -> Vec<(String, Vec<String>)> {
         rest = &tail[end..];
         let mut labels = Vec::new();
         if let Some(body) = rest.strip_prefix('{') {
-            let close = body.find('}').expect("closed matcher");
-            for matcher in body[..close].split(',') {
-                let name = matcher.split(['=', '!', '~']).next().unwrap_or("").trim();
-                labels.push(name.to_owned());
-            }
-            rest = &body[close..];
+            (labels, rest) = matcher_labels(body);
         }
         out.push((metric, labels));
     }
     out
 }
 
+/// The labels of every `by (...)` clause.
 fn by_labels(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = expr;
-    while let Some(i) = rest.find("by (") {
-        let tail = &rest[i + 4..];
-        let end = tail.find(')').unwrap_or(tail.len());
-        out.extend(tail[..end].split(',').map(|l| l.trim().to_owned()));
-        rest = &tail[end..];
+    while let Some(i) = rest.find("by") {
+        let before = rest[..i].chars().next_back();
+        let tail = rest[i + 2..].trim_start();
+        rest = &rest[i + 2..];
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let Some(list) = tail.strip_prefix('(') else {
+            continue;
+        };
+        let end = list.find(')').expect("closed by (...)");
+        out.extend(
+            list[..end]
+                .split(',')
+                .map(|l| l.trim().to_owned())
+                .filter(|l| !l.is_empty()),
+        );
     }
     out
+}
+
+/// The label of a Grafana `label_values(selector, label)` variable query.
+fn label_values_label(expr: &str) -> Option<String> {
+    let args = expr
+        .trim()
+        .strip_prefix("label_values(")?
+        .strip_suffix(')')?;
+    Some(args.rsplit_once(',')?.1.trim().to_owned())
+}
+
+/// The `{{label}}` names of a legend format.
+fn legend_labels(legend: &str) -> Vec<String> {
+    legend
+        .split("{{")
+        .skip(1)
+        .filter_map(|s| s.split_once("}}"))
+        .map(|(l, _)| l.trim().to_owned())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -312,52 +310,19 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
+    let handler = service_fn(move |req| {
         let svc = service.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let handler = service_fn(move |req| {
-                let svc = svc.clone();
-                async move { Ok::<_, Infallible>(svc.handle(req).await) }
-            });
-            let result = match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), handler).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    }
-                }
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), handler)
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "snapshot connection ended");
-            }
-        });
-    }
+        async move { Ok::<_, Infallible>(svc.handle(req).await) }
+    });
+    // Streams never end by themselves: at shutdown they are cut after a short grace.
+    provider_proxy_dataplane::server::serve(
+        listener,
+        handler,
+        tls,
+        shutdown,
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[cfg(test)]

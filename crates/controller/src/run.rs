@@ -14,7 +14,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -337,23 +336,12 @@ async fn serve_admin(
     state: Arc<AdminState>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
-            () = &mut shutdown => return,
-        };
+    let svc = service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(admin(&req, &state)) }
-            });
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+        async move { Ok::<_, Infallible>(admin(&req, &state)) }
+    });
+    provider_proxy_dataplane::server::serve(listener, svc, None, shutdown, Duration::from_secs(1))
+        .await;
 }
 
 fn admin(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {

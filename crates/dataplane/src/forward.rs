@@ -604,7 +604,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn find_source<'a, T: std::error::Error + 'static>(
+/// The first error of type `T` in `e`'s source chain.
+pub(crate) fn find_source<'a, T: std::error::Error + 'static>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -617,16 +618,12 @@ fn find_source<'a, T: std::error::Error + 'static>(
     None
 }
 
+/// GOAWAY and other connection-level HTTP/2 errors: the agent's connection is unusable.
 fn is_h2_connection_error(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            // GOAWAY / connection-level protocol errors surface as non-stream errors.
-            return h.to_string().contains("connection error") || h.to_string().contains("GOAWAY");
-        }
-        cur = err.source();
-    }
-    false
+    find_source::<hyper::Error>(e).is_some_and(|h| {
+        let m = h.to_string();
+        m.contains("connection error") || m.contains("GOAWAY")
+    })
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

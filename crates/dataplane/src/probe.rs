@@ -97,12 +97,8 @@ async fn run(pool: &AgentPool, provider: &Provider, path: Path) -> Result<u16, C
     match tokio::time::timeout(budget, lease.agent().client().request(req)).await {
         Ok(Ok(resp)) => Ok(resp.status().as_u16()),
         Ok(Err(e)) => {
-            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(err) = cur {
-                if let Some(ce) = err.downcast_ref::<ConnectError>() {
-                    return Err(ce.clone());
-                }
-                cur = err.source();
+            if let Some(ce) = crate::forward::find_source::<ConnectError>(&e) {
+                return Err(ce.clone());
             }
             Err(ConnectError::new(
                 ErrorClass::UpstreamReset,

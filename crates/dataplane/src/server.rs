@@ -30,7 +30,7 @@ pub async fn serve_data(
         let f = forwarder.clone();
         async move { Ok::<_, Infallible>(f.handle(req).await) }
     };
-    accept_loop(listener, service_fn(svc), shutdown, grace).await;
+    serve(listener, service_fn(svc), None, shutdown, grace).await;
 }
 
 /// Changes (or, with `None`, reads) the process's log filter; the binary supplies it.
@@ -56,7 +56,14 @@ pub async fn serve_admin(
         let state = admin_state.clone();
         async move { Ok::<_, Infallible>(admin(req, &state).await) }
     };
-    accept_loop(listener, service_fn(svc), shutdown, Duration::from_secs(1)).await;
+    serve(
+        listener,
+        service_fn(svc),
+        None,
+        shutdown,
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 async fn admin(req: Request<Incoming>, state: &Admin) -> Response<Full<Bytes>> {
@@ -194,9 +201,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn accept_loop<S, B>(
+/// Serve `svc` on `listener` (TLS first when `tls` is given) until `shutdown` resolves,
+/// then give open connections up to `grace` to finish. The one accept loop of every port
+/// of every role.
+pub async fn serve<S, B>(
     listener: TcpListener,
     svc: S,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) where
@@ -225,12 +236,42 @@ async fn accept_loop<S, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc.clone())
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (svc, builder, watcher, tls) = (
+            svc.clone(),
+            builder.clone(),
+            graceful.watcher(),
+            tls.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    // A client that never finishes its handshake must not hold a task.
+                    let tls = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
