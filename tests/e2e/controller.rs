@@ -222,6 +222,12 @@ async fn controller_reports_status_probes_and_reacts_to_secrets() {
     );
     cluster.apply(&good);
     let pp = cluster.wait_ready_reason("ai", "anthropic", "Ready").await;
+    // Ready once its watches listed and every provider reconciled (the chart probes this).
+    let admin = controller.admin_addr;
+    wait_until(Duration::from_secs(5), "controller /readyz", || async move {
+        raw_get(&format!("http://{admin}/readyz"), None).await.0 == StatusCode::OK
+    })
+    .await;
     let status = &pp["status"];
     assert_eq!(status["observedGeneration"], pp["metadata"]["generation"]);
     assert_eq!(status["lastProbe"]["success"], true, "{status:#}");

@@ -147,6 +147,13 @@ impl SnapshotHub {
         self.subscribe(ns).borrow().clone()
     }
 
+    /// Whether `ns/name` was reconciled (valid or not).
+    pub fn contains(&self, ns: &str, name: &str) -> bool {
+        self.lock()
+            .get(ns)
+            .is_some_and(|e| e.providers.contains_key(name))
+    }
+
     /// Whether `ns` has been seen at all (a provider was ever reconciled there).
     pub fn provider_names(&self, ns: &str) -> Vec<String> {
         self.lock()

@@ -139,6 +139,8 @@ pub fn caller_of(
 }
 
 pub struct PushService {
+    /// Snapshots are served only once the controller's initial state is complete.
+    pub complete: tokio::sync::watch::Receiver<bool>,
     pub hub: Arc<SnapshotHub>,
     pub auth: Authenticator,
     pub metrics: Arc<ControllerMetrics>,
@@ -209,6 +211,7 @@ impl PushService {
             .with_label_values(&[&caller.namespace]);
         gauge.inc();
         let state = StreamState {
+            complete: self.complete.clone(),
             hub: self.hub.clone(),
             rx,
             sent: have,
@@ -240,6 +243,7 @@ impl Drop for Connected {
 }
 
 struct StreamState {
+    complete: tokio::sync::watch::Receiver<bool>,
     hub: Arc<SnapshotHub>,
     rx: tokio::sync::watch::Receiver<Arc<provider_proxy_api::Snapshot>>,
     sent: u64,
@@ -253,6 +257,17 @@ async fn next_frame(
     mut st: StreamState,
 ) -> Option<(Result<Frame<Bytes>, Infallible>, StreamState)> {
     loop {
+        if !*st.complete.borrow() {
+            // Hold the sidecar on its last good snapshot until ours is whole.
+            let waited = tokio::time::timeout(HEARTBEAT, st.complete.wait_for(|c| *c))
+                .await
+                .map(|r| r.is_ok());
+            match waited {
+                Err(_) => return Some((Ok(Frame::data(Bytes::from_static(b"\n"))), st)),
+                Ok(false) => return None,
+                Ok(true) => {}
+            }
+        }
         if st.first {
             st.first = false;
             st.rx.mark_changed();

@@ -30,6 +30,10 @@ use crate::metrics::ControllerMetrics;
 use crate::push::{Authenticator, PushService};
 use crate::reconcile::{Context, error_policy, reconcile};
 
+/// How long after the initial list the controller waits for every provider to reconcile
+/// before it serves snapshots anyway.
+const COMPLETE_WAIT: Duration = Duration::from_secs(30);
+
 #[derive(Clone, Debug)]
 pub struct ControllerSettings {
     pub admin: SocketAddr,
@@ -143,7 +147,11 @@ pub async fn start(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
+    // True once every watch has listed and every listed ProviderProxy is in the hub: a
+    // restarted controller must not push a half-built snapshot over a sidecar's good one.
+    let (complete_tx, complete) = watch::channel(false);
     let push = Arc::new(PushService {
+        complete: complete.clone(),
         hub: hub.clone(),
         auth: Authenticator {
             client: client.clone(),
@@ -222,9 +230,34 @@ pub async fn start(
         tasks.push(tokio::spawn(run));
     }
 
-    // Deletions: a ProviderProxy gone from the watch is gone from its namespace's
-    // snapshot within a tick (the reconciler never sees deleted objects).
+    let synced = Arc::new(AtomicBool::new(false));
     {
+        let synced = synced.clone();
+        let stores = stores.clone();
+        tasks.push(tokio::spawn(async move {
+            for s in stores {
+                // Re-poll on a timer: the store's readiness wakes only its latest waiter,
+                // and the controller's own applier waits on it too.
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(100), s.wait_until_ready())
+                        .await
+                    {
+                        Ok(Ok(())) => break,
+                        Ok(Err(_)) => return,
+                        Err(_) => continue,
+                    }
+                }
+            }
+            synced.store(true, Ordering::Release);
+        }));
+    }
+
+    // Deletions: a ProviderProxy gone from the watch is gone from its namespace's
+    // snapshot within a tick (the reconciler never sees deleted objects). The same tick
+    // notices when the initial state is complete.
+    {
+        let synced = synced.clone();
+        let mut synced_at = None;
         let hub = hub.clone();
         let ctx = ctx.clone();
         let stores = stores.clone();
@@ -245,25 +278,31 @@ pub async fn start(
                     }
                     present
                 });
+                if !*complete_tx.borrow() && synced.load(Ordering::Acquire) {
+                    let synced_at = *synced_at.get_or_insert_with(tokio::time::Instant::now);
+                    let missing: Vec<String> = stores
+                        .iter()
+                        .flat_map(|s| s.state())
+                        .filter(|pp| !hub.contains(&pp.namespace().unwrap_or_default(), &pp.name_any()))
+                        .map(|pp| format!("{}/{}", pp.namespace().unwrap_or_default(), pp.name_any()))
+                        .collect();
+                    if missing.is_empty() {
+                        tracing::info!("initial state complete; serving snapshots");
+                        complete_tx.send_replace(true);
+                    } else if synced_at.elapsed() > COMPLETE_WAIT {
+                        // Reconciles keep failing for these (API errors): serve what we
+                        // have rather than nothing; they join as soon as they reconcile.
+                        tracing::warn!(?missing, "serving snapshots without providers that have not reconciled yet");
+                        complete_tx.send_replace(true);
+                    }
+                }
             }
         }));
     }
 
-    let synced = Arc::new(AtomicBool::new(false));
-    {
-        let synced = synced.clone();
-        tasks.push(tokio::spawn(async move {
-            for s in stores {
-                if s.wait_until_ready().await.is_err() {
-                    return;
-                }
-            }
-            synced.store(true, Ordering::Release);
-        }));
-    }
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
-        synced,
+        complete,
         leader,
     });
     tasks.push(tokio::spawn(serve_admin(
@@ -327,7 +366,7 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> Result<tokio_rustls::TlsAccept
 
 struct AdminState {
     metrics: Arc<ControllerMetrics>,
-    synced: Arc<AtomicBool>,
+    complete: watch::Receiver<bool>,
     leader: Arc<AtomicBool>,
 }
 
@@ -350,7 +389,7 @@ fn admin(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
         "/readyz" => {
             // Ready once every watch has listed: snapshots served before then would be partial.
-            let synced = state.synced.load(Ordering::Acquire);
+            let synced = *state.complete.borrow();
             let leader = state.leader.load(Ordering::Acquire);
             if synced {
                 (StatusCode::OK, format!("ready (leader: {leader})\n"))
