@@ -45,6 +45,8 @@ unit: ## All tests of the workspace (unit, integration against real Squid/Dante,
 	@# The e2e tests run the real binary (credential hygiene, check, --help).
 	$(CARGO) build --locked -p provider-proxy
 	PATH="$(TOOLS):$$PATH" $(CARGO) test --workspace --locked
+	@# The micro-benchmarks, each run once (test mode): they compile and do not panic.
+	$(CARGO) test --locked -p provider-proxy-bench --benches
 
 crd: ## Regenerate crd/providerproxy.yaml (and the chart's copy) from the Rust types.
 	$(CARGO) run -q -- crd > crd/providerproxy.yaml
@@ -83,3 +85,41 @@ image: ## Build the container image (needs a Docker engine).
 
 clean-tools:
 	rm -rf $(TOOLS)
+
+# ---------------------------------------------------------------- benchmark (issue 9)
+BENCH_APT := nginx-light squid dante-server apache2-utils
+BENCH_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+.PHONY: bench bench-micro
+
+bench: ## Load benchmark on loopback: sidecar vs straight, nginx, via Squid/Dante (BENCH_SECONDS, BENCH_ROUNDS, …).
+	@missing=""; for p in $(BENCH_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(CARGO) build --release --locked -p provider-proxy -p provider-proxy-bench --bins
+	BENCH_OUT=$${BENCH_OUT:-$(CURDIR)/bench/results} $(BENCH_TARGET_DIR)/release/provider-proxy-bench run
+
+bench-micro: ## Micro-benchmarks of the sidecar's hot functions (divan).
+	$(CARGO) bench --locked -p provider-proxy-bench --bench hot
+
+# ---------------------------------------------------------------- fuzzing and soak (issue 10)
+FUZZ_SECONDS ?= 60
+SOAK_SECONDS ?= 600
+SOAK_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+.PHONY: fuzz fuzz-ci fuzz-tool soak
+
+fuzz-tool:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz --version '^0.13'
+
+fuzz: fuzz-tool ## Run every cargo-fuzz target (fuzz/) for FUZZ_SECONDS (60) each; stable Rust via RUSTC_BOOTSTRAP.
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz-ci: fuzz-tool ## Every fuzz target briefly (10 s each), as CI runs it.
+	fuzz/run.sh 10
+
+soak: ## 1000 SSE streams + JSON via Squid through the release sidecar for SOAK_SECONDS (600); see bench/SOAK.md.
+	$(CARGO) build --release --locked -p provider-proxy
+	ulimit -n $$(ulimit -Hn); \
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_SIDECAR_BIN=$(SOAK_TARGET_DIR)/release/provider-proxy \
+	  $(CARGO) test --locked -p provider-proxy-tests --test e2e soak:: -- --ignored --nocapture

@@ -12,3 +12,4 @@ mod hygiene;
 mod observability;
 mod pool;
 mod reliability;
+mod soak;

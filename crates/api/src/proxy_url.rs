@@ -189,6 +189,10 @@ pub enum ProxyUrlError {
         "has credentials that are not valid percent-encoded UTF-8; encode special characters, e.g. @ as %40"
     )]
     InvalidCredentials,
+    #[error(
+        "has '/', '?' or '#' in its credentials; percent-encode them (%2F, %3F, %23) or use credentialsSecretRef"
+    )]
+    UnencodedCredentials,
     #[error("has whitespace or control characters")]
     Whitespace,
 }
@@ -223,19 +227,22 @@ impl ProxyUrl {
         let scheme = ProxyScheme::parse(scheme)
             .ok_or_else(|| ProxyUrlError::UnsupportedScheme(scheme.to_owned()))?;
 
+        // The last '@' of the whole URL ends the userinfo: a proxy URL has no path, and
+        // users paste raw passwords, whose '/', '?' or '#' must not be read as the start of
+        // a path (that would quote the password back in the error, or leave it unmasked).
+        let (userinfo, after) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        if userinfo.is_some_and(|u| u.contains(['/', '?', '#'])) {
+            return Err(ProxyUrlError::UnencodedCredentials);
+        }
         // Everything after the authority must be empty (a lone trailing "/" is tolerated).
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
+        let authority_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        let (hostport, tail) = after.split_at(authority_end);
         if !tail.is_empty() && tail != "/" {
             return Err(ProxyUrlError::UnexpectedPath(tail.to_owned()));
         }
-
-        // The last '@' separates userinfo: passwords may contain a percent-encoded '@' only,
-        // but users paste raw ones, and the host can never contain '@'.
-        let (userinfo, hostport) = match authority.rfind('@') {
-            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
-            None => (None, authority),
-        };
         let credentials = userinfo.map(parse_userinfo).transpose()?.flatten();
         let (host, port) = parse_host_port(hostport)?;
         Ok(Self {
@@ -415,21 +422,15 @@ pub fn mask_url(raw: &str) -> String {
     };
     let auth_start = scheme_end + 3;
     let rest = &raw[auth_start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
+    // As in parsing: the last '@' ends the userinfo, whatever characters the password has.
+    match rest.rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &rest[..at];
             let user = match userinfo.split_once(':') {
                 Some((u, _)) => format!("{u}:{MASK}"),
                 None => userinfo.to_owned(),
             };
-            format!(
-                "{}{}@{}",
-                &raw[..auth_start],
-                user,
-                &raw[auth_start + at + 1..]
-            )
+            format!("{}{}@{}", &raw[..auth_start], user, &rest[at + 1..])
         }
         None => raw.to_owned(),
     }
@@ -583,6 +584,30 @@ mod tests {
         for (input, message) in cases {
             assert_eq!(err(input), message, "input {input:?}");
         }
+    }
+
+    #[test]
+    fn raw_separators_in_passwords_never_leak() {
+        // Found by fuzzing: a raw '/', '?' or '#' used to end the authority early.
+        for raw in [
+            "http://user:pa/ss@proxy:1",
+            "http://user:pa?ss@proxy:1",
+            "socks5://u:a#b/c@p:1",
+        ] {
+            let e = err(raw);
+            assert!(
+                e.starts_with("has '/', '?' or '#' in its credentials"),
+                "{e}"
+            );
+            for piece in ["pa/ss", "ss@", "a#b", "b/c"] {
+                assert!(!e.contains(piece), "{e}");
+                assert!(!mask_url(raw).contains(piece), "{}", mask_url(raw));
+            }
+        }
+        assert_eq!(
+            mask_url("http://user:pa/ss@proxy:1"),
+            "http://user:***@proxy:1"
+        );
     }
 
     #[test]

@@ -137,13 +137,19 @@ impl Forwarder {
             Route::Direct
         };
         let mut fallback_cause = None;
+        // Keep a copy of the headers only when a second attempt is possible.
+        let first_headers = if provider.proxy.is_some() && provider.fallback_to_direct {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         let mut attempt = self
             .attempt(
                 &provider,
                 route_path(route),
                 &parts.method,
                 &upstream_uri,
-                &parts.headers,
+                first_headers,
                 &slot,
             )
             .await;
@@ -174,7 +180,7 @@ impl Forwarder {
                         Path::Direct,
                         &parts.method,
                         &upstream_uri,
-                        &parts.headers,
+                        std::mem::take(&mut parts.headers),
                         &slot,
                     )
                     .await;
@@ -334,7 +340,7 @@ impl Forwarder {
         path: Path,
         method: &Method,
         uri: &Uri,
-        headers: &HeaderMap,
+        headers: HeaderMap,
         slot: &BodySlot,
     ) -> Attempt {
         let lease = match self.pool.checkout(provider, path) {
@@ -344,7 +350,7 @@ impl Forwarder {
         let mut req = Request::new(slot.attempt().boxed_unsync());
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
-        *req.headers_mut() = headers.clone();
+        *req.headers_mut() = headers;
         if path == Path::Proxy
             && !provider.upstream.is_https()
             && let Some(p) = &provider.proxy
@@ -579,6 +585,21 @@ pub fn upstream_uri(
 /// Hop-by-hop headers (RFC 9110 §7.6.1), plus any the `Connection` header names. The
 /// client's own `Proxy-Authorization` never leaves the pod.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path: one pass over the names; most messages carry none of these.
+    let any = headers.keys().any(|k| {
+        k == header::CONNECTION
+            || k == header::PROXY_AUTHORIZATION
+            || k == header::PROXY_AUTHENTICATE
+            || k == header::TE
+            || k == header::TRAILER
+            || k == header::TRANSFER_ENCODING
+            || k == header::UPGRADE
+            || k.as_str() == "keep-alive"
+            || k.as_str() == "proxy-connection"
+    });
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -345,7 +345,13 @@ impl AgentPool {
             .pool_max_idle_per_host(usize::MAX)
             .http2_keep_alive_interval(Some(Duration::from_secs(30)))
             .http2_keep_alive_while_idle(false)
-            .http2_adaptive_window(true)
+            // Large fixed windows, not the adaptive one: h2 budgets small DATA frames
+            // against half the connection window, and SSE events are small frames; with a
+            // 64 KiB window 256 concurrent streams trip ENHANCE_YOUR_CALM (found by the
+            // benchmark: 1202 broken streams at 256 SSE streams over h2).
+            .http2_adaptive_window(false)
+            .http2_initial_stream_window_size(1024 * 1024)
+            .http2_initial_connection_window_size(16 * 1024 * 1024)
             .build(connector);
         Ok(Agent {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),

@@ -1,0 +1,444 @@
+//! The load generator: a fixed number of keep-alive HTTP/1.1 connections, each a task that
+//! sends one request after another (closed loop) until the end of the measured window.
+//! Connections go plain to a forwarder, or over TLS straight to the upstream, optionally
+//! through an HTTP CONNECT (Basic auth) or SOCKS5 (username/password) proxy: the floors.
+//!
+//! Only requests that *complete* inside the measured window count; every wait is bounded
+//! by the window's end, and a connection's I/O task is aborted when its worker ends.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+use tokio_rustls::TlsConnector;
+
+/// How a connection reaches the server that answers.
+#[derive(Clone)]
+pub enum Via {
+    /// Straight to `Target::connect`.
+    Direct,
+    /// `CONNECT upstream` through the HTTP proxy at `Target::connect`, with this
+    /// `Proxy-Authorization` value.
+    HttpConnect { auth: String },
+    /// SOCKS5 to `upstream` through the proxy at `Target::connect`.
+    Socks5 { user: String, pass: String },
+}
+
+/// Where the load goes.
+#[derive(Clone)]
+pub struct Target {
+    /// The TCP peer: forwarder, upstream, or proxy.
+    pub connect: SocketAddr,
+    pub via: Via,
+    /// Where a proxy tunnels to.
+    pub upstream: SocketAddr,
+    /// TLS to the upstream (floors); `None` for plain HTTP to a forwarder.
+    pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// Request path, e.g. `/json-direct/v1/messages`.
+    pub path: Uri,
+    pub host: HeaderValue,
+}
+
+/// What a good response looks like.
+#[derive(Clone, Copy, Debug)]
+pub enum Expect {
+    /// 200 and exactly this many body bytes.
+    Json { len: usize },
+    /// 200 and `events` SSE events with `"seq":0..events` in order, nothing else.
+    Sse { events: u32 },
+}
+
+/// The raw figures of one cell (one peer, one scenario, one round).
+#[derive(Default)]
+pub struct LoadResult {
+    /// Requests (streams) completed good inside the window.
+    pub ok: u64,
+    /// Failed requests, broken or reordered streams, failed connects (warm-up included).
+    pub errors: u64,
+    pub error_kinds: BTreeMap<String, u64>,
+    /// Whole-response latency of each good request in the window, µs.
+    pub latency_us: Vec<u32>,
+    /// SSE: time to the first body byte, µs.
+    pub ttfb_us: Vec<u32>,
+}
+
+impl LoadResult {
+    fn error(&mut self, what: String) {
+        self.errors += 1;
+        let mut key = what;
+        key.truncate(120);
+        *self.error_kinds.entry(key).or_default() += 1;
+    }
+
+    fn merge(&mut self, mut o: LoadResult) {
+        self.ok += o.ok;
+        self.errors += o.errors;
+        for (k, v) in o.error_kinds {
+            *self.error_kinds.entry(k).or_default() += v;
+        }
+        self.latency_us.append(&mut o.latency_us);
+        self.ttfb_us.append(&mut o.ttfb_us);
+    }
+}
+
+/// The request every connection sends: an Anthropic-style `POST /v1/messages`.
+pub struct RequestTemplate {
+    pub body: Bytes,
+    pub headers: HeaderMap,
+}
+
+impl RequestTemplate {
+    pub fn new(stream: bool) -> Self {
+        let body = format!(
+            "{{\"model\":\"claude-bench-1\",\"max_tokens\":256,\"stream\":{stream},\
+             \"messages\":[{{\"role\":\"user\",\"content\":\"Benchmark request: answer with \
+             a short JSON message so the forwarding path, not the model, is measured.\"}}]}}"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }),
+        );
+        headers.insert("x-api-key", HeaderValue::from_static("sk-ant-bench-0000"));
+        headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("provider-proxy-bench/0.1"),
+        );
+        Self {
+            body: Bytes::from(body),
+            headers,
+        }
+    }
+}
+
+/// Run `conns` connections against `target` until `end`, counting what completes in
+/// `[start, end]`. Connection `i` starts at `i / conns` of `ramp` from now.
+pub async fn run(
+    target: Arc<Target>,
+    template: Arc<RequestTemplate>,
+    expect: Expect,
+    conns: usize,
+    ramp: Duration,
+    start: Instant,
+    end: Instant,
+) -> LoadResult {
+    let mut tasks = tokio::task::JoinSet::new();
+    let now = Instant::now();
+    for i in 0..conns {
+        let (t, r) = (target.clone(), template.clone());
+        let at = now + ramp.mul_f64(i as f64 / conns.max(1) as f64);
+        tasks.spawn(async move {
+            tokio::time::sleep_until(at.min(end)).await;
+            worker(t, r, expect, start, end).await
+        });
+    }
+    let mut total = LoadResult::default();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(r) => total.merge(r),
+            Err(e) => total.error(format!("load task failed: {e}")),
+        }
+    }
+    total
+}
+
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    io_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.io_task.abort();
+    }
+}
+
+async fn worker(
+    target: Arc<Target>,
+    template: Arc<RequestTemplate>,
+    expect: Expect,
+    start: Instant,
+    end: Instant,
+) -> LoadResult {
+    let mut out = LoadResult::default();
+    let mut conn: Option<Conn> = None;
+    while Instant::now() < end {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match timeout_at(end, connect(&target)).await {
+                Err(_) => break,
+                Ok(Ok(c)) => conn.insert(c),
+                Ok(Err(e)) => {
+                    out.error(e);
+                    // Back off a little rather than spin on a refusing peer.
+                    let _ = timeout_at(end, tokio::time::sleep(Duration::from_millis(20))).await;
+                    continue;
+                }
+            },
+        };
+        let mut req = Request::new(Full::new(template.body.clone()));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = target.path.clone();
+        *req.headers_mut() = template.headers.clone();
+        req.headers_mut().insert(header::HOST, target.host.clone());
+        let sent = Instant::now();
+        match timeout_at(end, exchange(&mut c.sender, req, expect, sent)).await {
+            Err(_) => break,
+            Ok(Ok(ttfb)) => {
+                let done = Instant::now();
+                if done >= start {
+                    out.ok += 1;
+                    out.latency_us.push(micros(done - sent));
+                    if let Some(t) = ttfb {
+                        out.ttfb_us.push(micros(t));
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                out.error(e);
+                conn = None;
+            }
+        }
+    }
+    out
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// One request/response; returns the time to the first body byte for SSE.
+async fn exchange(
+    sender: &mut SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+    expect: Expect,
+    sent: Instant,
+) -> Result<Option<Duration>, String> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("connection closed: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("status {}", resp.status().as_u16()));
+    }
+    let mut body = resp.into_body();
+    match expect {
+        Expect::Json { len } => {
+            let mut n = 0;
+            while let Some(f) = body.frame().await {
+                let f = f.map_err(|e| format!("body failed: {e}"))?;
+                if let Some(d) = f.data_ref() {
+                    n += d.len();
+                }
+            }
+            if n != len {
+                return Err(format!("body of {n} bytes, expected {len}"));
+            }
+            Ok(None)
+        }
+        Expect::Sse { events } => {
+            let mut check = SseCheck::new(events);
+            let mut ttfb = None;
+            while let Some(f) = body.frame().await {
+                // The count of events seen varies; keep it out of the message so that the
+                // error table groups by cause.
+                let f = f.map_err(|e| format!("stream broken before its end: {e}"))?;
+                if let Some(d) = f.data_ref() {
+                    if ttfb.is_none() && !d.is_empty() {
+                        ttfb = Some(sent.elapsed());
+                    }
+                    check.feed(d)?;
+                }
+            }
+            check.finish()?;
+            Ok(ttfb)
+        }
+    }
+}
+
+/// Checks that a stream is whole and in order: events separated by a blank line, each
+/// carrying `"seq":N` with N = 0, 1, 2, … `events - 1`, nothing after.
+pub struct SseCheck {
+    buf: Vec<u8>,
+    seen: u32,
+    events: u32,
+}
+
+impl SseCheck {
+    pub fn new(events: u32) -> Self {
+        Self {
+            buf: Vec::with_capacity(512),
+            seen: 0,
+            events,
+        }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), String> {
+        self.buf.extend_from_slice(data);
+        let mut consumed = 0;
+        while let Some(pos) = find(&self.buf[consumed..], b"\n\n") {
+            let ev = &self.buf[consumed..consumed + pos];
+            let seq = find(ev, b"\"seq\":")
+                .and_then(|i| {
+                    let digits: Vec<u8> = ev[i + 6..]
+                        .iter()
+                        .take_while(|b| b.is_ascii_digit())
+                        .copied()
+                        .collect();
+                    std::str::from_utf8(&digits).ok()?.parse::<u32>().ok()
+                })
+                .ok_or_else(|| format!("event {} has no sequence number", self.seen))?;
+            if seq != self.seen {
+                return Err(format!(
+                    "stream out of order: event {seq} where {} was due",
+                    self.seen
+                ));
+            }
+            self.seen += 1;
+            consumed += pos + 2;
+        }
+        self.buf.drain(..consumed);
+        Ok(())
+    }
+
+    pub fn finish(&self) -> Result<(), String> {
+        if self.seen != self.events || !self.buf.is_empty() {
+            return Err(format!(
+                "stream cut short: {} of {} events{}",
+                self.seen,
+                self.events,
+                if self.buf.is_empty() {
+                    ""
+                } else {
+                    " and a partial one"
+                }
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn connect(t: &Target) -> Result<Conn, String> {
+    let mut tcp = TcpStream::connect(t.connect)
+        .await
+        .map_err(|e| format!("connect {}: {e}", t.connect))?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = match &t.via {
+        Via::Direct => Box::new(tcp),
+        Via::HttpConnect { auth } => {
+            http_connect(&mut tcp, t.upstream, auth).await?;
+            Box::new(tcp)
+        }
+        Via::Socks5 { user, pass } => {
+            let s = tokio_socks::tcp::Socks5Stream::connect_with_password_and_socket(
+                tcp, t.upstream, user, pass,
+            )
+            .await
+            .map_err(|e| format!("SOCKS5 handshake: {e}"))?;
+            Box::new(s.into_inner())
+        }
+    };
+    let io: Box<dyn Io> = match &t.tls {
+        Some((cfg, name)) => Box::new(
+            TlsConnector::from(cfg.clone())
+                .connect(name.clone(), io)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?,
+        ),
+        None => io,
+    };
+    let (sender, conn) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
+    let io_task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Conn { sender, io_task })
+}
+
+async fn http_connect(tcp: &mut TcpStream, to: SocketAddr, auth: &str) -> Result<(), String> {
+    let req = format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\nProxy-Authorization: {auth}\r\n\r\n");
+    tcp.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("CONNECT write: {e}"))?;
+    // Byte by byte, so no tunnelled byte is read past the head (once per connection).
+    let mut head = Vec::with_capacity(128);
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = tcp
+            .read_u8()
+            .await
+            .map_err(|e| format!("CONNECT reply: {e}"))?;
+        head.push(b);
+        if head.len() > 16 * 1024 {
+            return Err("CONNECT reply head too long".into());
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!(
+            "CONNECT refused: {}",
+            line.lines().next().unwrap_or("")
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_check_accepts_whole_ordered_streams_split_anywhere() {
+        let all: Vec<u8> = (0..5).flat_map(|i| crate::sse::event(i).to_vec()).collect();
+        for cut in [1, 7, 50, 200] {
+            let mut c = SseCheck::new(5);
+            for chunk in all.chunks(cut) {
+                c.feed(chunk).unwrap();
+            }
+            c.finish().unwrap();
+        }
+    }
+
+    #[test]
+    fn sse_check_rejects_reordered_and_short_streams() {
+        let mut c = SseCheck::new(3);
+        c.feed(&crate::sse::event(0)).unwrap();
+        assert!(c.feed(&crate::sse::event(2)).is_err());
+        let mut c = SseCheck::new(3);
+        c.feed(&crate::sse::event(0)).unwrap();
+        assert!(c.finish().is_err());
+    }
+}
