@@ -25,7 +25,7 @@ const AUDIENCE: &str = "provider-proxy";
 pub(crate) struct Cluster {
     pub(crate) api: FakeApiServer,
     dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
+    pub(crate) kubeconfig: PathBuf,
 }
 
 impl Cluster {
@@ -90,7 +90,7 @@ impl Cluster {
     }
 
     #[track_caller]
-    fn apply(&self, path: &Path) {
+    pub(crate) fn apply(&self, path: &Path) {
         let (ok, out) = self.kubectl(&["apply", "--validate=false", "-f", path.to_str().unwrap()]);
         assert!(ok, "kubectl apply failed: {out}");
     }
@@ -112,7 +112,7 @@ impl Cluster {
     }
 
     /// Wait until `ns/name`'s Ready condition has `reason`; returns the object.
-    async fn wait_ready_reason(&self, ns: &str, name: &str, reason: &str) -> Value {
+    pub(crate) async fn wait_ready_reason(&self, ns: &str, name: &str, reason: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let obj = self.pp(ns, name);
@@ -699,6 +699,12 @@ async fn propagation_from_kubectl_apply_to_first_request() {
     };
     let mut samples = Vec::new();
     for i in 0..21 {
+        if i == 10 {
+            // The API server drops every watch and forgets its history: the controller
+            // re-lists (410 Gone) and changes keep flowing.
+            cluster.api.drop_watches();
+            cluster.api.compact();
+        }
         let path = cluster.write(&format!("p{i}.yaml"), &manifest(i));
         let before = ups[i % 2].total_requests();
         let started = Instant::now();
@@ -717,7 +723,13 @@ async fn propagation_from_kubectl_apply_to_first_request() {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if i > 0 {
+        if i == 10 {
+            // Not a propagation sample: it includes the watcher's re-list backoff.
+            eprintln!(
+                "change after dropped watches + 410 re-list arrived in {:?}",
+                started.elapsed()
+            );
+        } else if i > 0 {
             samples.push(started.elapsed());
         }
     }
@@ -730,7 +742,8 @@ async fn propagation_from_kubectl_apply_to_first_request() {
         p(0.99),
         samples.last().unwrap()
     );
-    assert!(p(0.5) < Duration::from_secs(1), "p50 {:?}", p(0.5));
+    // Reported, not asserted: speed is measured, never a pass/fail timing in a test (each
+    // change above is bounded at 10 s so a lost update still fails).
     pod.task.abort();
     controller.shutdown().await;
 }

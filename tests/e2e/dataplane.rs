@@ -408,3 +408,33 @@ async fn headers_and_body_timeouts() {
     );
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+/// A client that hangs up before the response headers: the request leaves the in-flight
+/// gauge (found by the soak: the gauge used to stay up for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_before_headers_leaves_no_in_flight_request() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let sc = TestSidecar::with_config(&pki, &provider("p", &upstream.base_url(), None, "")).await;
+    for _ in 0..3 {
+        let req = Request::get(sc.url("/p/v1/stall-headers"))
+            .body(Full::default())
+            .unwrap();
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(200), sc.client.request(req)).await;
+        assert!(gave_up.is_err(), "the upstream never answers");
+    }
+    let mut zero = false;
+    for _ in 0..100 {
+        if sc
+            .metrics()
+            .await
+            .contains("provider_proxy_in_flight_requests{provider=\"p\"} 0")
+        {
+            zero = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(zero, "{}", sc.metrics().await);
+}

@@ -258,3 +258,120 @@ impl TestClient {
         (status, body)
     }
 }
+
+/// The controller binary at trace level: reading Secrets, probing through Squid with the
+/// password, writing status and events, pushing snapshots — its logs never carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_logs_carry_no_password() {
+    use crate::controller::{Cluster, raw_get, wait_until};
+
+    let pki = pki();
+    let cluster = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = pki.write_to(dir.path());
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let squid = Squid::start(SquidOptions {
+        users: vec![("alice".into(), SECRET_PASSWORD.into())],
+        https: None,
+    });
+    let pct = secret_forms("x", URL_PASSWORD)[1].clone();
+    let base = upstream.base_url();
+    let yaml = secret("login", "alice", SECRET_PASSWORD)
+        + &format!(
+            "---\napiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {{name: ok, namespace: ai}}\nspec:\n  upstream: {base}\n  proxy:\n    url: http://127.0.0.1:{}\n    credentialsSecretRef: {{name: login}}\n",
+            squid.http_port()
+        )
+        + &provider(
+            "inurl",
+            &base,
+            Some(&format!("http://bob:{pct}@127.0.0.1:{}", squid.http_port())),
+            "",
+        );
+    let manifests = dir.path().join("m.yaml");
+    std::fs::write(&manifests, yaml).unwrap();
+    let (admin, snapshots) = (free_port(), free_port());
+    let mut child = Command::new(binary())
+        .arg("controller")
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args([
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+            "--snapshot-listen",
+            &format!("127.0.0.1:{snapshots}"),
+        ])
+        .args(["--probe-interval", "0"])
+        .env("SSL_CERT_FILE", &ca)
+        .env("RUST_LOG", "trace")
+        .env("LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let controller = Proc(child);
+    cluster.apply(&manifests);
+    cluster.wait_ready_reason("ai", "ok", "Ready").await;
+    cluster
+        .wait_ready_reason("ai", "inurl", "ProbeFailed")
+        .await;
+    // A sidecar's stream carries the credentials; the logs around it must not.
+    wait_until(Duration::from_secs(10), "controller ready", || async move {
+        raw_get(&format!("http://127.0.0.1:{admin}/readyz"), None)
+            .await
+            .0
+            == StatusCode::OK
+    })
+    .await;
+    let first_line = {
+        use http_body_util::BodyExt;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let req = http::Request::get(format!("http://127.0.0.1:{snapshots}/v1/snapshots"))
+            .header("authorization", "Bearer token-ai")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut text = String::new();
+        while !text.contains('\n') {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Some(d) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(d));
+            }
+        }
+        text
+    };
+    assert!(
+        first_line.contains("\"proxyPassword\""),
+        "the authenticated stream carries credentials: {first_line}"
+    );
+    let metrics = raw_get(&format!("http://127.0.0.1:{admin}/metrics"), None)
+        .await
+        .1;
+    drop(controller);
+    let logs = log_reader.join().unwrap();
+    assert!(
+        logs.contains("\"level\":\"TRACE\""),
+        "trace logging was not on"
+    );
+    assert!(logs.contains("snapshot pushed"), "the push was logged");
+    let mut forms = secret_forms("alice", SECRET_PASSWORD);
+    forms.extend(secret_forms("bob", URL_PASSWORD));
+    for (channel, text) in [("controller logs", &logs), ("controller metrics", &metrics)] {
+        for f in &forms {
+            assert!(!text.contains(f.as_str()), "{channel} leak {f:?}");
+        }
+    }
+}

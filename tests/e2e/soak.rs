@@ -668,8 +668,13 @@ async fn soak_sse_and_json_through_squid() {
     // done, one rotation completed). A leak raises every later peak; the oscillation
     // does not.
     let stream_secs = plan.sse_events * plan.sse_interval_ms / 1000;
-    // (Capped at a quarter of the run, so a run without rotations still gets a verdict.)
-    let period = Duration::from_secs((plan.pool_max_lifetime + stream_secs).min(plan.seconds / 4));
+    // Without rotations during the run (lifetime ≥ run) there is no such period: compare
+    // quarters of the run instead.
+    let period = if plan.pool_max_lifetime >= plan.seconds {
+        Duration::from_secs((plan.seconds / 4).max(stream_secs))
+    } else {
+        Duration::from_secs(plan.pool_max_lifetime + stream_secs)
+    };
     let warm_at = ramp + period;
     let end = samples.last().map_or(Duration::ZERO, |s| s.t);
     let window = |from: Duration, to: Duration| -> Vec<&Sample> {

@@ -474,6 +474,15 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_with_a_trailing_dot_is_an_ip() {
+        // Found by fuzzing: it parsed as a name, then re-parsed as an IP.
+        assert_eq!(
+            ok("http://10.0.0.1.:1").host(),
+            &ProxyHost::Ip("10.0.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn ipv6_in_brackets() {
         let u = ok("http://[2001:db8::1]:8080");
         assert_eq!(u.host(), &ProxyHost::Ip("2001:db8::1".parse().unwrap()));

@@ -17,6 +17,22 @@ use crate::error::{ConnectError, ErrorClass};
 use crate::metrics::Metrics;
 use crate::pool::{AgentLease, AgentPool, Path};
 
+/// Counts a request in flight from its start until it is over, however it ends.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Response header telling the caller which way the request went.
 pub const ROUTE_HEADER: &str = "x-provider-proxy-route";
 
@@ -128,8 +144,9 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         let slot = BodySlot::new(body);
-        let in_flight = self.metrics.in_flight.with_label_values(&[&provider.name]);
-        in_flight.inc();
+        // A guard, not inc/dec: hyper drops this future when the client hangs up before the
+        // response headers, and the gauge must come down then too (found by the soak).
+        let in_flight = InFlight::new(self.metrics.in_flight.with_label_values(&[&provider.name]));
 
         let mut route = if provider.proxy.is_some() {
             Route::Proxy
@@ -227,7 +244,7 @@ impl Forwarder {
                 let pool = self.pool.clone();
                 let provider2 = provider.clone();
                 let sent = slot.clone();
-                let in_flight2 = in_flight.clone();
+                let in_flight2 = in_flight;
                 let on_finish = Box::new(move |outcome: Outcome, bytes: u64| {
                     let class = match outcome {
                         Outcome::Failed(c) => Some(c),
@@ -245,7 +262,7 @@ impl Forwarder {
                             .inc();
                     }
                     drop(lease);
-                    in_flight2.dec();
+                    drop(in_flight2);
                     let status_class = status_class(status);
                     metrics
                         .requests
@@ -287,7 +304,7 @@ impl Forwarder {
                 Response::from_parts(rparts, ResponseBody::Stream(body))
             }
             Attempt::NotSent(e) => {
-                in_flight.dec();
+                drop(in_flight);
                 let (status, kind) = match (route, e.class) {
                     (Route::Proxy, c) if c.proxy_path_failure() => {
                         self.metrics
@@ -314,7 +331,7 @@ impl Forwarder {
                 )
             }
             Attempt::Failed(class, message) => {
-                in_flight.dec();
+                drop(in_flight);
                 let status = match class {
                     ErrorClass::HeadersTimeout => StatusCode::GATEWAY_TIMEOUT,
                     _ => StatusCode::BAD_GATEWAY,
