@@ -32,6 +32,18 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// Start `cmd`, collecting its stderr until it exits (the thread's result).
+fn spawn_capturing_stderr(cmd: &mut Command) -> (Proc, std::thread::JoinHandle<String>) {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    (Proc(child), reader)
+}
+
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -106,8 +118,8 @@ async fn no_password_in_any_output_channel() {
     std::fs::write(config.join("providers.yaml"), &yaml).unwrap();
 
     let (listen, admin) = (free_port(), free_port());
-    let mut child = Command::new(binary())
-        .args(["sidecar", "--config"])
+    let mut cmd = Command::new(binary());
+    cmd.args(["sidecar", "--config"])
         .arg(&config)
         .args([
             "--listen",
@@ -118,17 +130,8 @@ async fn no_password_in_any_output_channel() {
         .env("SSL_CERT_FILE", &ca)
         .env("RUST_LOG", "trace")
         .env("LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let sidecar = Proc(child);
+        .stdout(Stdio::piped());
+    let (sidecar, log_reader) = spawn_capturing_stderr(&mut cmd);
 
     let url = |p: &str| format!("http://127.0.0.1:{listen}{p}");
     let client = TestClient::new();
@@ -290,8 +293,8 @@ async fn controller_logs_carry_no_password() {
     let manifests = dir.path().join("m.yaml");
     std::fs::write(&manifests, yaml).unwrap();
     let (admin, snapshots) = (free_port(), free_port());
-    let mut child = Command::new(binary())
-        .arg("controller")
+    let mut cmd = Command::new(binary());
+    cmd.arg("controller")
         .arg("--kubeconfig")
         .arg(&cluster.kubeconfig)
         .args([
@@ -304,17 +307,8 @@ async fn controller_logs_carry_no_password() {
         .env("SSL_CERT_FILE", &ca)
         .env("RUST_LOG", "trace")
         .env("LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let controller = Proc(child);
+        .stdout(Stdio::null());
+    let (controller, log_reader) = spawn_capturing_stderr(&mut cmd);
     cluster.apply(&manifests);
     cluster.wait_ready_reason("ai", "ok", "Ready").await;
     cluster

@@ -204,22 +204,28 @@ impl Forwarder {
             }
         }
 
-        let status_and_log =
-            |status: StatusCode, class: Option<ErrorClass>, protocol: &str, bytes: u64| {
-                self.log_request(
-                    &provider,
-                    &method,
-                    &log_path,
-                    status,
-                    route,
-                    fallback_cause,
-                    class,
-                    protocol,
-                    bytes,
-                    slot.bytes_sent(),
-                    started,
-                );
-            };
+        // A request answered by the sidecar itself (no upstream response): count it and
+        // write its log line.
+        let record_failure = |status: StatusCode, class: ErrorClass| {
+            self.metrics
+                .requests
+                .with_label_values(&[&provider.name, route.as_str(), status_class(status), "none"])
+                .inc();
+            log_line(
+                &provider,
+                &method,
+                &log_path,
+                status,
+                route,
+                fallback_cause,
+                Some(class),
+                false,
+                "none",
+                0,
+                slot.bytes_sent(),
+                started,
+            );
+        };
 
         match attempt {
             Attempt::Ok(resp, lease) => {
@@ -318,8 +324,7 @@ impl Forwarder {
                     }
                     _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
                 };
-                self.count(&provider, route, status, "none");
-                status_and_log(status, Some(e.class), "none", 0);
+                record_failure(status, e.class);
                 self.error_response(
                     &provider,
                     route,
@@ -336,8 +341,7 @@ impl Forwarder {
                     ErrorClass::HeadersTimeout => StatusCode::GATEWAY_TIMEOUT,
                     _ => StatusCode::BAD_GATEWAY,
                 };
-                self.count(&provider, route, status, "none");
-                status_and_log(status, Some(class), "none", 0);
+                record_failure(status, class);
                 self.error_response(
                     &provider,
                     route,
@@ -412,39 +416,6 @@ impl Forwarder {
                 ),
             ),
         }
-    }
-
-    fn count(&self, provider: &Provider, route: Route, status: StatusCode, protocol: &str) {
-        self.metrics
-            .requests
-            .with_label_values(&[
-                &provider.name,
-                route.as_str(),
-                status_class(status),
-                protocol,
-            ])
-            .inc();
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn log_request(
-        &self,
-        provider: &Provider,
-        method: &Method,
-        path: &str,
-        status: StatusCode,
-        route: Route,
-        fallback: Option<ErrorClass>,
-        class: Option<ErrorClass>,
-        protocol: &str,
-        bytes: u64,
-        bytes_in: u64,
-        started: Instant,
-    ) {
-        log_line(
-            provider, method, path, status, route, fallback, class, false, protocol, bytes,
-            bytes_in, started,
-        );
     }
 
     #[allow(clippy::too_many_arguments)]
