@@ -53,10 +53,8 @@ async fn concurrent_h2_requests_multiplex_on_one_connection() {
     let proxy = FaultProxy::start(Behavior::Connect { users: vec![] });
     let yaml = via_proxy("p", &upstream, &proxy, None, "  http2: true\n");
     let sc = std::sync::Arc::new(TestSidecar::with_config(&pki, &yaml).await);
-    // Warm: the first request opens the connection and learns it speaks h2.
-    let r = sc.get("/p/v1/messages").await;
-    r.assert_ok("proxy");
-    assert_eq!(r.json()["version"], "HTTP/2.0");
+    // Cold: the burst arrives before any connection exists. Until the upstream has
+    // answered h1 to the h2 offer, one connect serves them all.
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let sc = sc.clone();
@@ -69,12 +67,53 @@ async fn concurrent_h2_requests_multiplex_on_one_connection() {
         r.assert_ok("proxy");
         assert_eq!(r.text.matches("data:").count(), 3);
     }
+    let r = sc.get("/p/v1/messages").await;
+    r.assert_ok("proxy");
+    assert_eq!(r.json()["version"], "HTTP/2.0");
     assert_eq!(
         upstream.connections(),
         1,
         "50 concurrent h2 streams on one connection"
     );
     assert_eq!(proxy.tunnels(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_slow_proxy_never_becomes_a_connect_storm() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let proxy = FaultProxy::start(Behavior::SlowConnect(Duration::from_millis(150)));
+    let settings = PoolSettings {
+        max_connecting: 4,
+        ..PoolSettings::default()
+    };
+    let sc = std::sync::Arc::new(TestSidecar::start(&pki, settings).await);
+    sc.apply(&via_proxy("p", &upstream, &proxy, None, ""), 1);
+    for wave in 0..2 {
+        let tasks: Vec<_> = (0..24)
+            .map(|_| {
+                let sc = sc.clone();
+                tokio::spawn(async move { sc.get("/p/v1/messages").await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().assert_ok("proxy");
+        }
+        assert!(
+            proxy.peak_handshakes() <= 4,
+            "wave {wave}: {} handshakes at once; at most max_connecting",
+            proxy.peak_handshakes()
+        );
+    }
+    // A pool that connects for every request that finds nothing idle opens 24 tunnels in
+    // the first wave alone. Here requests wait for the first connections, which serve
+    // them one after another; only a few more connects start before everyone is served.
+    assert!(
+        proxy.connections() <= 16,
+        "{} tunnels for 2 waves of 24 requests",
+        proxy.connections()
+    );
+    assert_eq!(upstream.total_requests(), 48, "every request exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,6 +191,7 @@ async fn streams_survive_sweep_ttl_lifetime_and_lru_storm() {
         idle_timeout: Duration::from_millis(200),
         sweep_interval: Duration::from_millis(50),
         max_lifetime: Duration::from_millis(300),
+        ..PoolSettings::default()
     };
     let sc = TestSidecar::start(&pki, settings).await;
     sc.apply(&yaml, 1);

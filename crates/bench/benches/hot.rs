@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use provider_proxy_api::{Manifests, Provider, ProxyUrl, Snapshot, Timeouts};
-use provider_proxy_dataplane::forward::{split_provider, strip_hop_by_hop, upstream_uri};
+use provider_proxy_dataplane::forward::{split_provider, strip_hop_by_hop, upstream_path};
 use provider_proxy_dataplane::metrics::Metrics;
 use provider_proxy_dataplane::pool::Path;
 use provider_proxy_dataplane::{AgentPool, ConfigStore, PoolSettings, TrustRoots};
@@ -74,10 +74,10 @@ fn route_split_provider() -> (&'static str, &'static str) {
 }
 
 #[divan::bench]
-fn route_upstream_uri(b: divan::Bencher) {
+fn route_upstream_path(b: divan::Bencher) {
     let p = provider("gemini");
     b.bench(|| {
-        upstream_uri(
+        upstream_path(
             black_box(&p.upstream),
             black_box("/models/gemini-pro:streamGenerateContent"),
             black_box(Some("alt=sse")),

@@ -156,14 +156,19 @@ pub struct PoolArgs {
         value_name = "SECONDS"
     )]
     pub pool_max_lifetime: u64,
+    /// Most connects one agent runs at once; more requests wait for one of them or for a
+    /// busy connection to free up, so a slow proxy handshake never becomes a storm.
+    #[arg(long, env = "POOL_MAX_CONNECTING", default_value_t = 32)]
+    pub pool_max_connecting: usize,
 }
 
 impl PoolArgs {
     pub fn settings(&self) -> Result<PoolSettings, String> {
-        if self.pool_max_agents == 0 || self.pool_sweep_interval == 0 {
-            return Err(
-                "--pool-max-agents and --pool-sweep-interval must be greater than 0".into(),
-            );
+        if self.pool_max_agents == 0
+            || self.pool_sweep_interval == 0
+            || self.pool_max_connecting == 0
+        {
+            return Err("--pool-max-agents, --pool-sweep-interval and --pool-max-connecting must be greater than 0".into());
         }
         Ok(PoolSettings {
             max_agents: self.pool_max_agents,
@@ -171,6 +176,7 @@ impl PoolArgs {
             idle_timeout: Duration::from_secs(self.pool_idle_timeout),
             sweep_interval: Duration::from_secs(self.pool_sweep_interval),
             max_lifetime: Duration::from_secs(self.pool_max_lifetime),
+            max_connecting: self.pool_max_connecting,
         })
     }
 }

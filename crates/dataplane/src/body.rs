@@ -146,7 +146,10 @@ pub struct StreamError(pub String);
 pub struct ObservedBody {
     inner: Incoming,
     body_timeout: Duration,
+    /// Fires at most `body_timeout` after `last_chunk`. Re-armed only when it fires early,
+    /// not on every chunk: a streaming answer sends thousands of small chunks.
     silence: Pin<Box<Sleep>>,
+    last_chunk: Instant,
     bytes: u64,
     on_finish: Option<OnFinish>,
 }
@@ -157,6 +160,7 @@ impl ObservedBody {
             inner,
             body_timeout,
             silence: Box::pin(tokio::time::sleep(body_timeout)),
+            last_chunk: Instant::now(),
             bytes: 0,
             on_finish: Some(on_finish),
         }
@@ -183,8 +187,12 @@ impl Body for ObservedBody {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
                 }
-                let deadline = Instant::now() + this.body_timeout;
-                this.silence.as_mut().reset(deadline);
+                this.last_chunk = Instant::now();
+                if this.inner.is_end_stream() {
+                    // The last chunk: finish now, before the client sees it, so the
+                    // upstream connection is idle again when its next request arrives.
+                    this.finish(Outcome::Complete);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -203,7 +211,14 @@ impl Body for ObservedBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                ready!(this.silence.as_mut().poll(cx));
+                loop {
+                    ready!(this.silence.as_mut().poll(cx));
+                    let deadline = this.last_chunk + this.body_timeout;
+                    if deadline <= Instant::now() {
+                        break;
+                    }
+                    this.silence.as_mut().reset(deadline);
+                }
                 this.finish(Outcome::Failed(ErrorClass::BodyTimeout));
                 Poll::Ready(Some(Err(Box::new(StreamError(format!(
                     "upstream sent nothing for {} ms (body timeout)",

@@ -15,7 +15,7 @@ use crate::body::{BodySlot, ObservedBody, Outcome};
 use crate::config::ConfigStore;
 use crate::error::{ConnectError, ErrorClass};
 use crate::metrics::Metrics;
-use crate::pool::{AgentLease, AgentPool, Path};
+use crate::pool::{AgentLease, AgentPool, ConnLease, Path, SendError};
 
 /// Counts a request in flight from its start until it is over, however it ends.
 struct InFlight(prometheus::IntGauge);
@@ -97,7 +97,7 @@ pub struct Forwarder {
 
 /// What one attempt produced.
 enum Attempt {
-    Ok(Response<Incoming>, AgentLease),
+    Ok(Response<Incoming>, AgentLease, ConnLease),
     /// Failed before the request went out: another path may be tried.
     NotSent(ConnectError),
     /// Failed after (part of) the request went out, or timed out waiting for headers.
@@ -131,7 +131,7 @@ impl Forwarder {
         };
         let method = req.method().clone();
         let log_path = rest.to_owned();
-        let upstream_uri = match upstream_uri(&provider.upstream, rest, req.uri().query()) {
+        let target = match upstream_path(&provider.upstream, rest, req.uri().query()) {
             Ok(u) => u,
             Err(m) => {
                 return json_error(
@@ -165,7 +165,7 @@ impl Forwarder {
                 &provider,
                 route_path(route),
                 &parts.method,
-                &upstream_uri,
+                &target,
                 first_headers,
                 &slot,
             )
@@ -196,7 +196,7 @@ impl Forwarder {
                         &provider,
                         Path::Direct,
                         &parts.method,
-                        &upstream_uri,
+                        &target,
                         std::mem::take(&mut parts.headers),
                         &slot,
                     )
@@ -228,7 +228,7 @@ impl Forwarder {
         };
 
         match attempt {
-            Attempt::Ok(resp, lease) => {
+            Attempt::Ok(resp, lease, conn) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 let protocol = if rparts.version == Version::HTTP_2 {
                     "h2"
@@ -252,6 +252,8 @@ impl Forwarder {
                 let sent = slot.clone();
                 let in_flight2 = in_flight;
                 let on_finish = Box::new(move |outcome: Outcome, bytes: u64| {
+                    // First of all, so the next request finds the connection idle.
+                    drop(conn);
                     let class = match outcome {
                         Outcome::Failed(c) => Some(c),
                         _ => None,
@@ -381,28 +383,22 @@ impl Forwarder {
             // Absolute-form through an HTTP proxy: credentials ride on each request.
             req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
         }
-        let fut = lease.agent().client().request(req);
+        let fut = lease.agent().send(req);
         match tokio::time::timeout(provider.timeouts.headers, fut).await {
-            Ok(Ok(resp)) => Attempt::Ok(resp, lease),
-            Ok(Err(e)) => {
-                if let Some(ce) = find_source::<ConnectError>(&e) {
-                    if ce.class.marks_unhealthy() {
-                        self.pool.mark_unhealthy(lease.agent());
-                    }
-                    return Attempt::NotSent(ce.clone());
+            Ok(Ok((resp, conn))) => Attempt::Ok(resp, lease, conn),
+            Ok(Err(SendError::Connect(e))) => {
+                if e.class.marks_unhealthy() {
+                    self.pool.mark_unhealthy(lease.agent());
                 }
+                Attempt::NotSent(e)
+            }
+            Ok(Err(SendError::Http(e))) => {
                 let class = if is_h2_connection_error(&e) {
                     self.pool.mark_unhealthy(lease.agent());
                     ErrorClass::Http2
                 } else {
                     ErrorClass::UpstreamReset
                 };
-                if e.is_connect() {
-                    return Attempt::NotSent(ConnectError::new(
-                        ErrorClass::ConnectIo,
-                        error_chain(&e),
-                    ));
-                }
                 Attempt::Failed(
                     class,
                     format!("upstream request failed: {}", error_chain(&e)),
@@ -544,18 +540,16 @@ pub fn split_provider(path: &str) -> (&str, &str) {
     }
 }
 
-/// `<upstream><rest>?<query>`, absolute, for the hyper client.
-pub fn upstream_uri(
+/// `<base path><rest>?<query>`: the origin-form target on the upstream. The agent adds
+/// scheme and authority where the wire needs them (h2, absolute form via an HTTP proxy).
+pub fn upstream_path(
     upstream: &UpstreamUrl,
     rest: &str,
     query: Option<&str>,
 ) -> Result<Uri, String> {
-    let scheme = if upstream.is_https() { "https" } else { "http" };
-    let mut s =
-        String::with_capacity(16 + upstream.host.len() + upstream.base_path.len() + rest.len());
-    s.push_str(scheme);
-    s.push_str("://");
-    s.push_str(&upstream.authority());
+    let mut s = String::with_capacity(
+        2 + upstream.base_path.len() + rest.len() + query.map_or(0, str::len),
+    );
     s.push_str(&upstream.base_path);
     if rest.is_empty() {
         s.push('/');
@@ -628,7 +622,7 @@ pub(crate) fn find_source<'a, T: std::error::Error + 'static>(
 }
 
 /// GOAWAY and other connection-level HTTP/2 errors: the agent's connection is unusable.
-fn is_h2_connection_error(e: &hyper_util::client::legacy::Error) -> bool {
+fn is_h2_connection_error(e: &hyper::Error) -> bool {
     find_source::<hyper::Error>(e).is_some_and(|h| {
         let m = h.to_string();
         m.contains("connection error") || m.contains("GOAWAY")
@@ -664,18 +658,19 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uris_keep_base_path_and_query() {
+    fn upstream_paths_keep_base_path_and_query() {
         let u = UpstreamUrl::parse("https://generativelanguage.googleapis.com/v1beta").unwrap();
         assert_eq!(
-            upstream_uri(&u, "/models/x:generate", Some("alt=sse"))
+            upstream_path(&u, "/models/x:generate", Some("alt=sse"))
                 .unwrap()
                 .to_string(),
-            "https://generativelanguage.googleapis.com/v1beta/models/x:generate?alt=sse"
+            "/v1beta/models/x:generate?alt=sse"
         );
         let u = UpstreamUrl::parse("http://127.0.0.1:8080").unwrap();
-        assert_eq!(
-            upstream_uri(&u, "", None).unwrap().to_string(),
-            "http://127.0.0.1:8080/"
+        assert_eq!(upstream_path(&u, "", None).unwrap().to_string(), "/");
+        assert!(
+            upstream_path(&u, "/a b", None).is_err(),
+            "a space is no URI"
         );
     }
 

@@ -8,8 +8,8 @@ use http_body_util::{BodyExt, Empty};
 use provider_proxy_api::Provider;
 
 use crate::error::{ConnectError, ErrorClass};
-use crate::forward::upstream_uri;
-use crate::pool::{AgentPool, Path};
+use crate::forward::upstream_path;
+use crate::pool::{AgentPool, Path, SendError};
 
 /// What a probe found. `proxy` is masked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub async fn probe(pool: &AgentPool, provider: &Provider) -> ProbeOutcome {
 }
 
 async fn run(pool: &AgentPool, provider: &Provider, path: Path) -> Result<u16, ConnectError> {
-    let uri = upstream_uri(&provider.upstream, &provider.probe_path, None)
+    let uri = upstream_path(&provider.upstream, &provider.probe_path, None)
         .map_err(|m| ConnectError::new(ErrorClass::ConnectIo, m))?;
     let lease = pool.checkout(provider, path)?;
     let mut req = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
@@ -94,17 +94,13 @@ async fn run(pool: &AgentPool, provider: &Provider, path: Path) -> Result<u16, C
         req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
     }
     let budget = provider.timeouts.connect + provider.timeouts.headers.min(Duration::from_secs(30));
-    match tokio::time::timeout(budget, lease.agent().client().request(req)).await {
-        Ok(Ok(resp)) => Ok(resp.status().as_u16()),
-        Ok(Err(e)) => {
-            if let Some(ce) = crate::forward::find_source::<ConnectError>(&e) {
-                return Err(ce.clone());
-            }
-            Err(ConnectError::new(
-                ErrorClass::UpstreamReset,
-                format!("probe request failed: {e}"),
-            ))
-        }
+    match tokio::time::timeout(budget, lease.agent().send(req)).await {
+        Ok(Ok((resp, _conn))) => Ok(resp.status().as_u16()),
+        Ok(Err(SendError::Connect(e))) => Err(e),
+        Ok(Err(SendError::Http(e))) => Err(ConnectError::new(
+            ErrorClass::UpstreamReset,
+            format!("probe request failed: {e}"),
+        )),
         Err(_) => Err(ConnectError::new(
             ErrorClass::HeadersTimeout,
             format!("no answer within {} ms", budget.as_millis()),

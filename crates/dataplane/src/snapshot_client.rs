@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::{Request, header};
+use http::{Request, Response, Uri, header};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use provider_proxy_api::{UpstreamUrl, WireSnapshot};
 use rand::Rng;
 
@@ -57,7 +58,11 @@ pub enum ClientError {
 pub struct SnapshotClient {
     settings: SnapshotClientSettings,
     store: Arc<ConfigStore>,
-    client: Client<Connector, RequestBody>,
+    /// One connection per stream: the stream lives for hours, pooling buys nothing.
+    connector: Connector,
+    host: header::HeaderValue,
+    /// `<base path>/v1/snapshots`
+    path: Uri,
     base: String,
 }
 
@@ -86,12 +91,17 @@ impl SnapshotClient {
             Arc::new(NoObserver),
         )
         .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let host = header::HeaderValue::try_from(url.authority())
+            .map_err(|_| ClientError::BadUrl(settings.controller.clone()))?;
+        let path = Uri::try_from(format!("{}/v1/snapshots", url.base_path))
+            .map_err(|_| ClientError::BadUrl(settings.controller.clone()))?;
         Ok(Self {
             base: url.to_string(),
             settings,
             store,
-            client,
+            connector,
+            host,
+            path,
         })
     }
 
@@ -135,6 +145,26 @@ impl SnapshotClient {
         }
     }
 
+    async fn open(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, ClientError> {
+        let conn = self
+            .connector
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (mut sender, driver) = http1::handshake(TokioIo::new(conn))
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %e, "snapshot connection ended");
+            }
+        });
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))
+    }
+
     async fn follow(&self) -> Result<(), ClientError> {
         let token = std::fs::read_to_string(&self.settings.token_file).map_err(|source| {
             ClientError::Token {
@@ -144,9 +174,8 @@ impl SnapshotClient {
         })?;
         let current = self.store.snapshot().version;
         let mut req = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
-        *req.uri_mut() = format!("{}/v1/snapshots", self.base.trim_end_matches('/'))
-            .parse()
-            .map_err(|_| ClientError::BadUrl(self.base.clone()))?;
+        *req.uri_mut() = self.path.clone();
+        req.headers_mut().insert(header::HOST, self.host.clone());
         let bearer = header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
             .map(|mut v| {
                 v.set_sensitive(true);
@@ -159,10 +188,9 @@ impl SnapshotClient {
         if let Ok(v) = header::HeaderValue::from_str(&current.to_string()) {
             req.headers_mut().insert(VERSION_HEADER, v);
         }
-        let resp = tokio::time::timeout(Duration::from_secs(15), self.client.request(req))
+        let resp = tokio::time::timeout(Duration::from_secs(15), self.open(req))
             .await
-            .map_err(|_| ClientError::Connect("no answer within 15 s".into()))?
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|_| ClientError::Connect("no answer within 15 s".into()))??;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {

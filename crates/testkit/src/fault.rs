@@ -56,6 +56,10 @@ pub enum Behavior {
     /// Answers any input with junk (`HTTP/1.1 xyz ...` plus binary bytes) and
     /// closes.
     Garbage,
+    /// A correct HTTP proxy without auth (like `Connect { users: [] }`) whose every
+    /// handshake takes this long: a proxy checking passwords slowly. Counts how many
+    /// handshakes were in progress at once ([`FaultProxy::peak_handshakes`]).
+    SlowConnect(Duration),
 }
 
 #[derive(Default)]
@@ -66,6 +70,8 @@ struct Stats {
     tunnel_users: Mutex<Vec<String>>,
     targets: Mutex<Vec<String>>,
     socks_targets: Mutex<Vec<String>>,
+    handshaking: AtomicUsize,
+    peak_handshaking: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -178,6 +184,11 @@ impl FaultProxy {
         self.stats.tunnels.load(Ordering::SeqCst)
     }
 
+    /// For [`Behavior::SlowConnect`]: the most handshakes in progress at once.
+    pub fn peak_handshakes(&self) -> usize {
+        self.stats.peak_handshaking.load(Ordering::SeqCst)
+    }
+
     /// Absolute-form requests forwarded.
     pub fn forwards(&self) -> usize {
         self.stats.forwards.load(Ordering::SeqCst)
@@ -234,6 +245,13 @@ async fn handle(tcp: TcpStream, behavior: Behavior, stats: Arc<Stats>) {
         Behavior::ResetAfterRequest => reset_after_request(tcp, &stats).await,
         Behavior::Socks4a => socks4a(tcp, &stats).await,
         Behavior::Garbage => garbage(tcp).await,
+        Behavior::SlowConnect(delay) => {
+            let now = stats.handshaking.fetch_add(1, Ordering::SeqCst) + 1;
+            stats.peak_handshaking.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            stats.handshaking.fetch_sub(1, Ordering::SeqCst);
+            http_proxy(tcp, &[], &stats, None).await
+        }
     };
 }
 

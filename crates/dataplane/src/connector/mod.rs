@@ -1,14 +1,13 @@
 //! Connectors: how a byte stream to an upstream is established, directly or through an
 //! HTTP, HTTPS, SOCKS5 or SOCKS4 proxy, ending in TLS to the upstream with ALPN.
 //!
-//! [`Connector`] is a `tower::Service<Uri>`, so hyper's client drives it and the agent pool
-//! owns one per (upstream, proxy, credentials, protocol). The connect timeout covers the
-//! whole path: TCP, the proxy handshake and TLS.
+//! The agent pool owns one [`Connector`] per (upstream, proxy, credentials, protocol) and
+//! hands what it connects to hyper. The connect timeout covers the whole path: TCP, the
+//! proxy handshake and TLS.
 
 mod http_connect;
 mod socks;
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,8 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use provider_proxy_api::{ProxyScheme, ProxyUrl, UpstreamUrl};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -58,19 +55,11 @@ impl ConnectObserver for NoObserver {}
 pub struct Conn {
     io: Box<dyn Io>,
     h2: bool,
-    absolute_form: bool,
 }
 
 impl Conn {
     pub fn is_h2(&self) -> bool {
         self.h2
-    }
-}
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        let c = Connected::new().proxy(self.absolute_form);
-        if self.h2 { c.negotiated_h2() } else { c }
     }
 }
 
@@ -249,11 +238,7 @@ impl ConnectorInner {
                     // An http upstream behind an HTTP proxy: the proxy takes absolute-form
                     // requests on this very connection; no tunnel.
                     timings.proxy_handshake = handshake_started.elapsed();
-                    return Ok(Conn {
-                        io,
-                        h2: false,
-                        absolute_form: true,
-                    });
+                    return Ok(Conn { io, h2: false });
                 }
                 http_connect::tunnel(&mut io, &self.upstream, url, &what).await?;
                 io
@@ -273,11 +258,7 @@ impl ConnectorInner {
         timings: &mut ConnectTimings,
     ) -> Result<Conn, ConnectError> {
         let Some((cfg, name)) = &self.upstream_tls else {
-            return Ok(Conn {
-                io,
-                h2: false,
-                absolute_form: false,
-            });
+            return Ok(Conn { io, h2: false });
         };
         let started = Instant::now();
         let tls = TlsConnector::from(cfg.clone())
@@ -302,7 +283,6 @@ impl ConnectorInner {
         Ok(Conn {
             io: Box::new(tls),
             h2,
-            absolute_form: false,
         })
     }
 }
@@ -345,22 +325,6 @@ async fn tcp_connect(host: &str, port: u16, what: &str) -> Result<TcpStream, Con
         class,
         format!("{what}: connect failed: {e}"),
     ))
-}
-
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = TokioIo<Conn>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    /// The agent is per upstream; the URI adds nothing we do not know.
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect().await.map(TokioIo::new) })
-    }
 }
 
 /// `Proxy-Authorization` for absolute-form requests through an HTTP proxy. Marked

@@ -1,11 +1,13 @@
-//! The agent pool: one agent (a hyper client with its own connection pool and a connector
-//! for one path) per (upstream origin, proxy origin, credential/CA fingerprint, h1/h2).
+//! The agent pool: one agent (a connector for one path and the connections it made, see
+//! [`conns`]) per (upstream origin, proxy origin, credential/CA fingerprint, h1/h2).
 //!
 //! Unlike the reference, credentials are part of the key: two providers that log in to the
 //! same proxy as different users never share an authenticated tunnel. Agents are evicted by
 //! LRU, TTL (unused), hard lifetime, health and config change; eviction only removes an agent
 //! from the map, so requests already on it, streaming ones included, finish undisturbed and
-//! its connections close once idle.
+//! its idle connections close at once, the busy ones when their response ends.
+
+mod conns;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,14 +20,18 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
+use http::header::HeaderValue;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use provider_proxy_api::Provider;
+use hyper::body::Incoming;
+use provider_proxy_api::{Provider, ProxyScheme};
 
 use crate::connector::{ConnectObserver, Connector, ProxyHop};
 use crate::error::{ConnectError, ErrorClass};
 use crate::tls::TrustRoots;
+pub use conns::{ConnLease, SendError};
+use conns::{ConnSet, ConnSettings, Target};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every upstream request is sent with.
@@ -44,6 +50,9 @@ pub struct PoolSettings {
     pub sweep_interval: Duration,
     /// After this an agent takes no new requests (fresh DNS, fresh TLS, bounded drift).
     pub max_lifetime: Duration,
+    /// Most connects one agent runs at once; further requests wait for one of them or
+    /// for a connection to free up (a slow proxy handshake never becomes a storm).
+    pub max_connecting: usize,
 }
 
 impl Default for PoolSettings {
@@ -54,6 +63,7 @@ impl Default for PoolSettings {
             idle_timeout: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(3600),
+            max_connecting: 32,
         }
     }
 }
@@ -140,7 +150,7 @@ impl PoolStats {
 pub struct Agent {
     id: u64,
     key: PoolKey,
-    client: Client<Connector, RequestBody>,
+    conns: Arc<ConnSet>,
     created: Instant,
     last_used_ms: AtomicU64,
     in_flight: AtomicUsize,
@@ -154,8 +164,17 @@ impl Agent {
     pub fn key(&self) -> &PoolKey {
         &self.key
     }
-    pub fn client(&self) -> &Client<Connector, RequestBody> {
-        &self.client
+    /// Send `req` (origin-form URI) on one of this agent's connections. The lease keeps
+    /// an HTTP/1.1 connection until the response body is done with.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, ConnLease), SendError> {
+        self.conns.send(req).await
+    }
+    /// Idle connections (and a shared h2 one) this agent holds.
+    pub fn idle_connections(&self) -> usize {
+        self.conns.idle_count()
     }
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
@@ -273,6 +292,7 @@ impl AgentPool {
             None => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 if let Some(old) = agents.remove(&key) {
+                    old.conns.retire();
                     let reason = if old.is_healthy() {
                         EvictReason::Lifetime
                     } else {
@@ -300,8 +320,8 @@ impl AgentPool {
             .values()
             .min_by_key(|a| (a.in_flight() > 0, a.last_used_ms.load(Ordering::Relaxed)))
             .map(|a| a.key.clone());
-        if let Some(k) = victim {
-            agents.remove(&k);
+        if let Some(old) = victim.and_then(|k| agents.remove(&k)) {
+            old.conns.retire();
             self.stats.evicted(EvictReason::Lru);
         }
     }
@@ -321,7 +341,7 @@ impl AgentPool {
             (Path::Proxy, Some(p)) => Some(ProxyHop {
                 url: p.url.clone(),
                 tls: match p.url.scheme() {
-                    provider_proxy_api::ProxyScheme::Https => Some(
+                    ProxyScheme::Https => Some(
                         self.roots
                             .client_config(p.ca.as_ref(), false)
                             .map_err(tls_err(ErrorClass::ProxyTls))?,
@@ -331,6 +351,28 @@ impl AgentPool {
             }),
             _ => None,
         };
+        // An http upstream behind an HTTP proxy: the proxy takes absolute-form requests.
+        let absolute_form = !provider.upstream.is_https()
+            && proxy
+                .as_ref()
+                .is_some_and(|p| matches!(p.url.scheme(), ProxyScheme::Http | ProxyScheme::Https));
+        let authority = provider.upstream.authority();
+        let bad_authority = |e: &dyn std::fmt::Display| {
+            ConnectError::new(
+                ErrorClass::ConnectIo,
+                format!("upstream authority {authority:?}: {e}"),
+            )
+        };
+        let target = Target {
+            scheme: if provider.upstream.is_https() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
+            authority: Authority::try_from(authority.as_str()).map_err(|e| bad_authority(&e))?,
+            host: HeaderValue::try_from(authority.as_str()).map_err(|e| bad_authority(&e))?,
+            absolute_form,
+        };
         let connector = Connector::new(
             provider.upstream.clone(),
             upstream_tls,
@@ -338,25 +380,20 @@ impl AgentPool {
             provider.timeouts.connect,
             self.observer.clone(),
         )?;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(self.settings.idle_timeout)
-            .pool_max_idle_per_host(usize::MAX)
-            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-            .http2_keep_alive_while_idle(false)
-            // Large fixed windows, not the adaptive one: h2 budgets small DATA frames
-            // against half the connection window, and SSE events are small frames; with a
-            // 64 KiB window 256 concurrent streams trip ENHANCE_YOUR_CALM (found by the
-            // benchmark: 1202 broken streams at 256 SSE streams over h2).
-            .http2_adaptive_window(false)
-            .http2_initial_stream_window_size(1024 * 1024)
-            .http2_initial_connection_window_size(16 * 1024 * 1024)
-            .build(connector);
+        let conns = ConnSet::new(
+            connector,
+            target,
+            ConnSettings {
+                connect_timeout: provider.timeouts.connect,
+                idle_timeout: self.settings.idle_timeout,
+                max_connecting: self.settings.max_connecting,
+                want_h2: provider.http2 && provider.upstream.is_https(),
+            },
+        );
         Ok(Agent {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             key,
-            client,
+            conns: Arc::new(conns),
             created: Instant::now(),
             last_used_ms: AtomicU64::new(self.now_ms()),
             in_flight: AtomicUsize::new(0),
@@ -379,16 +416,20 @@ impl AgentPool {
             agents.remove(&agent.key);
             self.stats.evicted(EvictReason::Unhealthy);
         }
+        agent.conns.retire();
     }
 
     /// Drop every agent whose key `keep` rejects (a config change retired it).
     pub fn retain(&self, keep: impl Fn(&PoolKey) -> bool) {
         let mut agents = self.lock();
-        let before = agents.len();
-        agents.retain(|k, _| keep(k));
-        for _ in agents.len()..before {
+        agents.retain(|k, a| {
+            if keep(k) {
+                return true;
+            }
+            a.conns.retire();
             self.stats.evicted(EvictReason::Config);
-        }
+            false
+        });
     }
 
     /// Remove agents unused for the TTL and agents past their lifetime.
@@ -397,23 +438,31 @@ impl AgentPool {
         let ttl = self.settings.agent_ttl.as_millis() as u64;
         let mut agents = self.lock();
         agents.retain(|_, a| {
-            if a.created.elapsed() >= self.settings.max_lifetime {
-                self.stats.evicted(EvictReason::Lifetime);
-                return false;
-            }
-            let idle_for = now.saturating_sub(a.last_used_ms.load(Ordering::Relaxed));
-            if a.in_flight() == 0 && idle_for >= ttl {
-                self.stats.evicted(EvictReason::Ttl);
-                return false;
-            }
-            true
+            let reason = if a.created.elapsed() >= self.settings.max_lifetime {
+                EvictReason::Lifetime
+            } else if a.in_flight() == 0
+                && now.saturating_sub(a.last_used_ms.load(Ordering::Relaxed)) >= ttl
+            {
+                EvictReason::Ttl
+            } else {
+                a.conns.reap_idle();
+                return true;
+            };
+            a.conns.retire();
+            self.stats.evicted(reason);
+            false
         });
     }
 
-    /// Run [`sweep`](Self::sweep) every sweep interval until the pool is dropped.
+    /// Run [`sweep`](Self::sweep) every sweep interval (or half the idle timeout, if that
+    /// is shorter, so idle connections close close to on time) until the pool is dropped.
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
-        let every = self.settings.sweep_interval;
+        let every = self
+            .settings
+            .sweep_interval
+            .min(self.settings.idle_timeout / 2)
+            .max(Duration::from_millis(10));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
