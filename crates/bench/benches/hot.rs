@@ -86,15 +86,15 @@ fn route_upstream_path(b: divan::Bencher) {
     });
 }
 
-/// A snapshot lookup as the forwarder does it: load, split, find.
+/// A route lookup as the forwarder does it: load the table in force, split, find.
 #[divan::bench]
-fn route_snapshot_lookup(b: divan::Bencher) {
+fn route_table_lookup(b: divan::Bencher) {
     let store = ConfigStore::new(Arc::new(pool()), Metrics::new());
     store.apply(snapshot(1));
     b.bench(|| {
-        let snap = store.snapshot();
+        let routes = store.routes();
         let (name, _) = split_provider(black_box("/openai/v1/chat/completions"));
-        snap.provider(name).cloned()
+        routes.get(name).cloned()
     });
 }
 
@@ -162,6 +162,21 @@ fn pool_checkout_hit(b: divan::Bencher, name: &str) {
     };
     drop(pool.checkout(&p, path).unwrap());
     b.bench(|| pool.checkout(black_box(&p), path).unwrap());
+}
+
+/// What the forwarder does: the key comes from the route table, worked out per snapshot.
+#[divan::bench(args = ["gemini", "anthropic"])]
+fn pool_checkout_keyed_hit(b: divan::Bencher, name: &str) {
+    let pool = pool();
+    let p = provider(name);
+    let path = if p.proxy.is_some() {
+        Path::Proxy
+    } else {
+        Path::Direct
+    };
+    let key = pool.key(&p, path);
+    drop(pool.checkout_keyed(&key, &p, path).unwrap());
+    b.bench(|| pool.checkout_keyed(black_box(&key), &p, path).unwrap());
 }
 
 // ------------------------------------------------------------------ proxy URLs

@@ -1,8 +1,9 @@
 //! The snapshot in force, swapped atomically, and the standalone loader that builds
 //! snapshots from manifest files and hot-reloads them.
 //!
-//! Each request loads the snapshot once and keeps that `Arc` to its end, so in-flight
-//! requests finish on the config they started with while new ones see the new one.
+//! Each request loads the snapshot (with its [`Routes`]) once and keeps that `Arc` to its
+//! end, so in-flight requests finish on the config they started with while new ones see
+//! the new one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,11 +15,12 @@ use arc_swap::ArcSwap;
 use provider_proxy_api::{Manifests, Snapshot, Timeouts};
 
 use crate::metrics::Metrics;
-use crate::pool::{AgentPool, Path as RoutePath};
+use crate::pool::AgentPool;
+use crate::route::Routes;
 
 /// The current snapshot, and what depends on it changing.
 pub struct ConfigStore {
-    current: ArcSwap<Snapshot>,
+    current: ArcSwap<Routes>,
     loaded: AtomicBool,
     /// Unix seconds of the last contact with the config source (staleness).
     last_contact: std::sync::atomic::AtomicU64,
@@ -29,7 +31,7 @@ pub struct ConfigStore {
 impl ConfigStore {
     pub fn new(pool: Arc<AgentPool>, metrics: Arc<Metrics>) -> Self {
         Self {
-            current: ArcSwap::from_pointee(Snapshot::default()),
+            current: ArcSwap::from_pointee(Routes::build(Arc::default(), &pool)),
             loaded: AtomicBool::new(false),
             last_contact: std::sync::atomic::AtomicU64::new(0),
             pool,
@@ -38,6 +40,11 @@ impl ConfigStore {
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load().snapshot.clone()
+    }
+
+    /// The snapshot in force with its routes: what a request holds until it ends.
+    pub fn routes(&self) -> Arc<Routes> {
         self.current.load_full()
     }
 
@@ -49,20 +56,9 @@ impl ConfigStore {
     /// Put `next` in force. Agents that no provider of `next` would use are retired at
     /// once, so a rotated password or CA is used by the very next request.
     pub fn apply(&self, next: Snapshot) {
-        let keep: std::collections::HashSet<_> = next
-            .providers
-            .values()
-            .flat_map(|p| {
-                let mut keys = Vec::with_capacity(2);
-                if p.proxy.is_some() {
-                    keys.push(self.pool.key(p, RoutePath::Proxy));
-                }
-                if p.proxy.is_none() || p.fallback_to_direct {
-                    keys.push(self.pool.key(p, RoutePath::Direct));
-                }
-                keys
-            })
-            .collect();
+        let routes = Routes::build(Arc::new(next), &self.pool);
+        let keep: std::collections::HashSet<_> = routes.pool_keys().cloned().collect();
+        let next = &routes.snapshot;
         self.metrics.config_version.set(next.version as i64);
         self.metrics
             .providers
@@ -73,7 +69,7 @@ impl ConfigStore {
             .with_label_values(&["invalid"])
             .set(next.invalid.len() as i64);
         self.metrics.config_last_update.set(unix_now());
-        self.current.store(Arc::new(next));
+        self.current.store(Arc::new(routes));
         self.loaded.store(true, Ordering::Release);
         self.touch();
         self.pool.retain(|k| keep.contains(k));

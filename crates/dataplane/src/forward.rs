@@ -16,6 +16,11 @@ use crate::config::ConfigStore;
 use crate::error::{ConnectError, ErrorClass};
 use crate::metrics::Metrics;
 use crate::pool::{AgentLease, AgentPool, ConnLease, Path, SendError};
+pub use crate::route::Route;
+use crate::route::{PROTOCOLS, ProviderRoute};
+
+/// Index of `none` in [`PROTOCOLS`]: answered by the sidecar, no upstream protocol.
+const NO_PROTOCOL: usize = 2;
 
 /// Counts a request in flight from its start until it is over, however it ends.
 struct InFlight(prometheus::IntGauge);
@@ -35,24 +40,6 @@ impl Drop for InFlight {
 
 /// Response header telling the caller which way the request went.
 pub const ROUTE_HEADER: &str = "x-provider-proxy-route";
-
-/// The way a request reached its upstream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    Proxy,
-    Direct,
-    Fallback,
-}
-
-impl Route {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Proxy => "proxy",
-            Self::Direct => "direct",
-            Self::Fallback => "fallback",
-        }
-    }
-}
 
 /// The sidecar's response body: a short JSON error, or the upstream's stream.
 pub enum ResponseBody {
@@ -123,12 +110,13 @@ impl Forwarder {
                     "message": "this sidecar serves /<provider>/<path> only; CONNECT and absolute-form requests are refused"}}),
             );
         }
-        let snapshot = self.config.snapshot();
-        let path = req.uri().path();
-        let (name, rest) = split_provider(path);
-        let Some(provider) = snapshot.provider(name).cloned() else {
-            return self.unknown_provider(&snapshot, name);
+        let routes = self.config.routes();
+        let (name, rest) = split_provider(req.uri().path());
+        let Some(entry) = routes.get(name).cloned() else {
+            return self.unknown_provider(&routes.snapshot, name);
         };
+        drop(routes);
+        let provider = entry.provider.clone();
         let method = req.method().clone();
         let log_path = rest.to_owned();
         let target = match upstream_path(&provider.upstream, rest, req.uri().query()) {
@@ -146,7 +134,7 @@ impl Forwarder {
         let slot = BodySlot::new(body);
         // A guard, not inc/dec: hyper drops this future when the client hangs up before the
         // response headers, and the gauge must come down then too (found by the soak).
-        let in_flight = InFlight::new(self.metrics.in_flight.with_label_values(&[&provider.name]));
+        let in_flight = InFlight::new(entry.metrics.in_flight(&self.metrics).clone());
 
         let mut route = if provider.proxy.is_some() {
             Route::Proxy
@@ -162,7 +150,7 @@ impl Forwarder {
         };
         let mut attempt = self
             .attempt(
-                &provider,
+                &entry,
                 route_path(route),
                 &parts.method,
                 &target,
@@ -193,7 +181,7 @@ impl Forwarder {
                 route = Route::Fallback;
                 attempt = self
                     .attempt(
-                        &provider,
+                        &entry,
                         Path::Direct,
                         &parts.method,
                         &target,
@@ -207,9 +195,9 @@ impl Forwarder {
         // A request answered by the sidecar itself (no upstream response): count it and
         // write its log line.
         let record_failure = |status: StatusCode, class: ErrorClass| {
-            self.metrics
-                .requests
-                .with_label_values(&[&provider.name, route.as_str(), status_class(status), "none"])
+            entry
+                .metrics
+                .requests(&self.metrics, route, status, NO_PROTOCOL)
                 .inc();
             log_line(
                 &provider,
@@ -220,7 +208,7 @@ impl Forwarder {
                 fallback_cause,
                 Some(class),
                 false,
-                "none",
+                PROTOCOLS[NO_PROTOCOL],
                 0,
                 slot.bytes_sent(),
                 started,
@@ -230,27 +218,22 @@ impl Forwarder {
         match attempt {
             Attempt::Ok(resp, lease, conn) => {
                 let (mut rparts, rbody) = resp.into_parts();
-                let protocol = if rparts.version == Version::HTTP_2 {
-                    "h2"
-                } else {
-                    "h1"
-                };
+                let protocol = usize::from(rparts.version == Version::HTTP_2);
                 strip_hop_by_hop(&mut rparts.headers);
                 rparts
                     .headers
                     .insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
                 let status = rparts.status;
-                self.metrics
-                    .first_byte
-                    .with_label_values(&[&provider.name, route.as_str()])
+                entry
+                    .metrics
+                    .first_byte(&self.metrics, route)
                     .observe(started.elapsed().as_secs_f64());
                 // Everything the log line needs moves into the completion hook, which runs
                 // once when the body ends, fails, or the client goes away.
                 let metrics = self.metrics.clone();
                 let pool = self.pool.clone();
-                let provider2 = provider.clone();
                 let sent = slot.clone();
-                let in_flight2 = in_flight;
+                let entry2 = entry.clone();
                 let on_finish = Box::new(move |outcome: Outcome, bytes: u64| {
                     // First of all, so the next request finds the connection idle.
                     drop(conn);
@@ -261,40 +244,25 @@ impl Forwarder {
                     if let Outcome::Failed(ErrorClass::Http2) = outcome {
                         pool.mark_unhealthy(lease.agent());
                     }
+                    let provider = &entry2.provider;
                     // A stream that broke on the proxy path is a proxy failure too (counted,
                     // never retried: bytes already reached the upstream).
                     if let (Some(c), Route::Proxy) = (class, route) {
                         metrics
                             .proxy_failures
-                            .with_label_values(&[&provider2.name, c.as_str()])
+                            .with_label_values(&[&provider.name, c.as_str()])
                             .inc();
                     }
                     drop(lease);
-                    drop(in_flight2);
-                    let status_class = status_class(status);
-                    metrics
-                        .requests
-                        .with_label_values(&[
-                            &provider2.name,
-                            route.as_str(),
-                            status_class,
-                            protocol,
-                        ])
-                        .inc();
-                    metrics
-                        .request_duration
-                        .with_label_values(&[&provider2.name, route.as_str()])
+                    drop(in_flight);
+                    let pm = &entry2.metrics;
+                    pm.requests(&metrics, route, status, protocol).inc();
+                    pm.duration(&metrics, route)
                         .observe(started.elapsed().as_secs_f64());
-                    metrics
-                        .response_bytes
-                        .with_label_values(&[&provider2.name])
-                        .inc_by(bytes);
-                    metrics
-                        .request_bytes
-                        .with_label_values(&[&provider2.name])
-                        .inc_by(sent.bytes_sent());
+                    pm.response_bytes(&metrics).inc_by(bytes);
+                    pm.request_bytes(&metrics).inc_by(sent.bytes_sent());
                     log_line(
-                        &provider2,
+                        provider,
                         &method,
                         &log_path,
                         status,
@@ -302,7 +270,7 @@ impl Forwarder {
                         fallback_cause,
                         class,
                         outcome == Outcome::ClientGone,
-                        protocol,
+                        PROTOCOLS[protocol],
                         bytes,
                         sent.bytes_sent(),
                         started,
@@ -359,14 +327,15 @@ impl Forwarder {
 
     async fn attempt(
         &self,
-        provider: &Arc<Provider>,
+        entry: &ProviderRoute,
         path: Path,
         method: &Method,
         uri: &Uri,
         headers: HeaderMap,
         slot: &BodySlot,
     ) -> Attempt {
-        let lease = match self.pool.checkout(provider, path) {
+        let provider = &entry.provider;
+        let lease = match self.pool.checkout_keyed(entry.key(path), provider, path) {
             Ok(l) => l,
             Err(e) => return Attempt::NotSent(e),
         };
@@ -509,16 +478,6 @@ fn log_line(
         client_gone,
         "request"
     );
-}
-
-fn status_class(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 fn json_error(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {

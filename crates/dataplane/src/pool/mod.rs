@@ -278,11 +278,21 @@ impl AgentPool {
 
     /// Check out the agent for `provider` along `path`, creating it if needed.
     pub fn checkout(&self, provider: &Provider, path: Path) -> Result<AgentLease, ConnectError> {
-        let key = self.key(provider, path);
+        self.checkout_keyed(&self.key(provider, path), provider, path)
+    }
+
+    /// [`checkout`](Self::checkout) with the key already worked out (the route table keeps
+    /// it per snapshot): the hot path.
+    pub fn checkout_keyed(
+        &self,
+        key: &PoolKey,
+        provider: &Provider,
+        path: Path,
+    ) -> Result<AgentLease, ConnectError> {
         let now = self.now_ms();
         let mut agents = self.lock();
         let reusable = agents
-            .get(&key)
+            .get(key)
             .filter(|a| a.is_healthy() && a.created.elapsed() < self.settings.max_lifetime);
         let agent = match reusable {
             Some(a) => {
@@ -291,7 +301,7 @@ impl AgentPool {
             }
             None => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                if let Some(old) = agents.remove(&key) {
+                if let Some(old) = agents.remove(key) {
                     old.conns.retire();
                     let reason = if old.is_healthy() {
                         EvictReason::Lifetime
@@ -304,7 +314,7 @@ impl AgentPool {
                 if agents.len() >= self.settings.max_agents {
                     self.evict_lru(&mut agents);
                 }
-                agents.insert(key, agent.clone());
+                agents.insert(key.clone(), agent.clone());
                 agent
             }
         };
