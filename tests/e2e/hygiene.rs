@@ -130,6 +130,8 @@ async fn no_password_in_any_output_channel() {
         .env("SSL_CERT_FILE", &ca)
         .env("RUST_LOG", "trace")
         .env("LOG_FORMAT", "json")
+        // The single-threaded event loop (the other runtime flavour) serves this run.
+        .env("WORKER_THREADS", "1")
         .stdout(Stdio::piped());
     let (sidecar, log_reader) = spawn_capturing_stderr(&mut cmd);
 

@@ -19,10 +19,12 @@ pub enum Peer {
     Sidecar(Path3),
     /// The sidecar, direct, with `http2: true` (one multiplexed h2 connection upstream).
     SidecarH2,
+    /// The sidecar, direct, on a single-threaded event loop (`--worker-threads 1`).
+    SidecarOneThread,
 }
 
 impl Peer {
-    pub const ALL: [Peer; 8] = [
+    pub const ALL: [Peer; 9] = [
         Peer::Floor(Path3::Direct),
         Peer::Floor(Path3::Squid),
         Peer::Floor(Path3::Dante),
@@ -31,10 +33,11 @@ impl Peer {
         Peer::Sidecar(Path3::Squid),
         Peer::Sidecar(Path3::Dante),
         Peer::SidecarH2,
+        Peer::SidecarOneThread,
     ];
 
     /// Peers run when `BENCH_PEERS` is not set.
-    pub const DEFAULT: [Peer; 8] = [
+    pub const DEFAULT: [Peer; 9] = [
         Peer::Floor(Path3::Direct),
         Peer::Floor(Path3::Squid),
         Peer::Floor(Path3::Dante),
@@ -43,10 +46,14 @@ impl Peer {
         Peer::Sidecar(Path3::Squid),
         Peer::Sidecar(Path3::Dante),
         Peer::SidecarH2,
+        Peer::SidecarOneThread,
     ];
 
     pub fn is_sidecar(self) -> bool {
-        matches!(self, Peer::Sidecar(_) | Peer::SidecarH2)
+        matches!(
+            self,
+            Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneThread
+        )
     }
 
     /// Name in `BENCH_PEERS`.
@@ -60,6 +67,7 @@ impl Peer {
             Peer::Sidecar(Path3::Squid) => "sidecar-squid",
             Peer::Sidecar(Path3::Dante) => "sidecar-dante",
             Peer::SidecarH2 => "sidecar-h2",
+            Peer::SidecarOneThread => "sidecar-1t",
         }
     }
 
@@ -73,6 +81,7 @@ impl Peer {
             Peer::Sidecar(Path3::Squid) => "sidecar via Squid",
             Peer::Sidecar(Path3::Dante) => "sidecar via Dante",
             Peer::SidecarH2 => "sidecar, direct, h2 upstream",
+            Peer::SidecarOneThread => "sidecar, direct, 1 thread",
         }
     }
 
@@ -80,7 +89,7 @@ impl Peer {
     pub fn floor(self) -> Peer {
         match self {
             Peer::Floor(p) | Peer::Sidecar(p) => Peer::Floor(p),
-            Peer::Nginx | Peer::SidecarH2 => Peer::Floor(Path3::Direct),
+            Peer::Nginx | Peer::SidecarH2 | Peer::SidecarOneThread => Peer::Floor(Path3::Direct),
         }
     }
 }
@@ -411,28 +420,33 @@ pub fn targets(results: &[ScenarioResult]) -> Vec<Verdict> {
     for r in results {
         let name = r.scenario.name();
         if !r.scenario.sse {
-            if let (Some(s), Some(n)) = (r.stats(side(Path3::Direct)), r.stats(Peer::Nginx)) {
-                // Round by round, like the ratios to the floor.
-                let ratio = r
-                    .cells(side(Path3::Direct))
-                    .zip(r.cells(Peer::Nginx))
-                    .map(|(a, b)| {
+            for (peer, what) in [
+                (side(Path3::Direct), "sidecar direct"),
+                (
+                    Peer::SidecarOneThread,
+                    "(beyond the issue) sidecar direct on 1 thread",
+                ),
+            ] {
+                if let (Some(s), Some(n)) = (r.stats(peer), r.stats(Peer::Nginx)) {
+                    // Round by round, like the ratios to the floor.
+                    let ratio = r.cells(peer).zip(r.cells(Peer::Nginx)).map(|(a, b)| {
                         let x: Vec<f64> = a.iter().zip(b).map(|(a, b)| a.rps() / b.rps()).collect();
                         median(&x)
                     });
-                if let Some(ratio) = ratio {
-                    v.push(Verdict {
-                        target: format!("{name}: sidecar direct req/s ≥ nginx's"),
-                        measured: format!("{:.0} vs {:.0} req/s ({ratio:.2}×)", s.rps, n.rps),
-                        met: ratio >= 1.0,
-                    });
-                }
-                if let (Some(a), Some(b)) = (s.fwd_us, n.fwd_us) {
-                    v.push(Verdict {
-                        target: format!("{name}: sidecar direct CPU/req ≤ nginx's"),
-                        measured: format!("{a:.1} vs {b:.1} µs ({:.2}×)", a / b),
-                        met: a <= b,
-                    });
+                    if let Some(ratio) = ratio {
+                        v.push(Verdict {
+                            target: format!("{name}: {what} req/s ≥ nginx's"),
+                            measured: format!("{:.0} vs {:.0} req/s ({ratio:.2}×)", s.rps, n.rps),
+                            met: ratio >= 1.0,
+                        });
+                    }
+                    if let (Some(a), Some(b)) = (s.fwd_us, n.fwd_us) {
+                        v.push(Verdict {
+                            target: format!("{name}: {what} CPU/req ≤ nginx's"),
+                            measured: format!("{a:.1} vs {b:.1} µs ({:.2}×)", a / b),
+                            met: a <= b,
+                        });
+                    }
                 }
             }
             if let Some(d) = r.stats(side(Path3::Direct)).and_then(|s| s.fwd_us) {

@@ -169,7 +169,7 @@ async fn run(cfg: Config) -> Result<(), String> {
                 let idx = (i + round) % rows.len();
                 let peer = rows[idx].0;
                 if peer.is_sidecar() {
-                    bench.start_sidecar()?;
+                    bench.start_sidecar(peer == Peer::SidecarOneThread)?;
                 }
                 let cell = run_cell(&bench, peer, sc, &cfg, ticks).await;
                 if peer.is_sidecar() {
@@ -265,6 +265,12 @@ fn target_for(b: &Bench, peer: Peer, sc: Scenario) -> Result<Target, String> {
             None,
             format!("/{kind}-direct-h2/v1/messages"),
         ),
+        Peer::SidecarOneThread => (
+            b.sidecar_addr,
+            Via::Direct,
+            None,
+            format!("/{kind}-direct/v1/messages"),
+        ),
     };
     let tls = match tls {
         Some((cfg, name)) => Some((cfg, name?)),
@@ -288,7 +294,7 @@ fn fwd_group(b: &Bench, peer: Peer) -> Option<Group> {
     match peer {
         Peer::Floor(_) => None,
         Peer::Nginx => Some(b.nginx_rp_group()),
-        Peer::Sidecar(_) | Peer::SidecarH2 => b.sidecar_group(),
+        Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneThread => b.sidecar_group(),
     }
 }
 
@@ -391,7 +397,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
 /// at once with what went wrong, and the sidecar's agents exist before measuring.
 async fn sanity(b: &mut Bench, cfg: &Config) -> Result<(), String> {
     if cfg.peers.iter().any(|p| p.is_sidecar()) {
-        b.start_sidecar()?;
+        b.start_sidecar(false)?;
     }
     let r = sanity_checks(b, cfg).await;
     b.stop_sidecar();

@@ -260,7 +260,8 @@ impl Bench {
     }
 
     /// (Re)start the sidecar on fresh ports; the previous one, if any, is killed first.
-    pub fn start_sidecar(&mut self) -> Result<(), String> {
+    /// `one_thread`: on a single-threaded event loop (`--worker-threads 1`).
+    pub fn start_sidecar(&mut self, one_thread: bool) -> Result<(), String> {
         self.stop_sidecar();
         let d = self.dir.path();
         self.sidecar_starts += 1;
@@ -274,6 +275,8 @@ impl Bench {
             .arg(addr.to_string())
             .arg("--admin")
             .arg(admin.to_string())
+            .arg("--worker-threads")
+            .arg(if one_thread { "1" } else { "0" })
             .env("SSL_CERT_FILE", d.join("ca.crt"))
             .env("RUST_LOG", &self.sidecar_log);
         let log = d.join(format!("sidecar-{}.log", self.sidecar_starts));

@@ -52,13 +52,12 @@ fn main() -> ExitCode {
         Command::Crd => provider_proxy_api::crd_yaml()
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),
-        Command::Sidecar(args) => {
-            runtime().and_then(|rt| rt.block_on(settings::run_sidecar(args, log_control)))
-        }
+        Command::Sidecar(args) => runtime(args.worker_threads)
+            .and_then(|rt| rt.block_on(settings::run_sidecar(args, log_control))),
         Command::Controller(args) => {
-            runtime().and_then(|rt| rt.block_on(settings::run_controller(args)))
+            runtime(0).and_then(|rt| rt.block_on(settings::run_controller(args)))
         }
-        Command::Check(args) => match runtime().and_then(|rt| rt.block_on(check::run(args))) {
+        Command::Check(args) => match runtime(0).and_then(|rt| rt.block_on(check::run(args))) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),
@@ -73,8 +72,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
+/// `threads`: 0 = one worker per CPU; 1 = a single-threaded event loop.
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
