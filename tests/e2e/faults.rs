@@ -238,6 +238,7 @@ async fn upstream_certificate_failure_never_falls_back() {
     let r = sc.get("/p/v1/messages").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
     assert_eq!(r.json()["error"]["class"], "upstream_tls");
+    assert_eq!(r.json()["error"]["type"], "upstream_tls_failed");
     assert_eq!(r.route.as_deref(), Some("proxy"));
     assert_eq!(upstream.total_requests(), 0);
 }

@@ -2,14 +2,13 @@
 //! exercised with trace logging, every output channel searched for the password in plain,
 //! percent-encoded and base64 form.
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use provider_proxy_testkit::{
-    Behavior, FaultProxy, Squid, SquidOptions, Upstream, UpstreamOptions,
+    Behavior, ChildGuard, FaultProxy, Squid, SquidOptions, Upstream, UpstreamOptions, free_port,
 };
 
 use crate::observability::secret_forms;
@@ -32,32 +31,8 @@ pub fn binary() -> PathBuf {
     bin
 }
 
-/// Start `cmd`, collecting its stderr until it exits (the thread's result).
-fn spawn_capturing_stderr(cmd: &mut Command) -> (Proc, std::thread::JoinHandle<String>) {
-    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    (Proc(child), reader)
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+fn spawn_capturing_stderr(cmd: &mut Command) -> (ChildGuard, std::thread::JoinHandle<String>) {
+    ChildGuard::spawn_capturing_stderr(cmd).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,7 +26,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use provider_proxy_testkit::{Squid, SquidOptions, TestPki, Upstream, UpstreamOptions};
+use provider_proxy_testkit::{
+    ChildGuard, Squid, SquidOptions, TestPki, Upstream, UpstreamOptions, free_port,
+};
 
 use crate::support::{PASSWORD, pki, provider, secret};
 
@@ -119,23 +121,10 @@ struct Sample {
 }
 
 struct SidecarProcess {
-    child: Child,
+    /// Killed and reaped on drop.
+    child: ChildGuard,
     data: String,
     admin: String,
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn repo_root() -> PathBuf {
@@ -178,7 +167,11 @@ fn start_sidecar(plan: &Plan, config_dir: &Path, ca_file: &Path, log: &Path) -> 
         .stderr(log_file)
         .spawn()
         .expect("spawn the sidecar");
-    SidecarProcess { child, data, admin }
+    SidecarProcess {
+        child: ChildGuard(child),
+        data,
+        admin,
+    }
 }
 
 fn proc_rss_kib(pid: u32) -> u64 {
@@ -477,7 +470,7 @@ async fn soak_sse_and_json_through_squid() {
 
     let log = dir.path().join("sidecar.log");
     let sidecar = start_sidecar(&plan, &config, &ca_file, &log);
-    let pid = sidecar.child.id();
+    let pid = sidecar.child.0.id();
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(usize::MAX)
         .build_http();

@@ -292,6 +292,10 @@ impl Forwarder {
                     (_, ErrorClass::ConnectTimeout) => {
                         (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
                     }
+                    // Its own type: an untrusted certificate needs a CA, not a retry.
+                    (_, ErrorClass::UpstreamTls) => {
+                        (StatusCode::BAD_GATEWAY, "upstream_tls_failed")
+                    }
                     _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
                 };
                 record_failure(status, e.class);

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,24 +17,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use provider_proxy_testkit::{
-    Squid, SquidOptions, TestPki, Upstream, UpstreamOptions, closed_port,
+    ChildGuard, Squid, SquidOptions, TestPki, Upstream, UpstreamOptions, closed_port, free_port,
 };
-
-struct Sidecar(Child);
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::main]
 async fn main() {
@@ -122,7 +106,7 @@ spec:
         .spawn()
         .expect("start the sidecar");
     let stderr = child.stderr.take().unwrap();
-    let _sidecar = Sidecar(child);
+    let _sidecar = ChildGuard(child);
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             println!("  sidecar | {line}");

@@ -17,6 +17,7 @@
 pub mod certs;
 pub mod client;
 pub mod fault;
+pub mod process;
 pub mod proxies;
 pub mod upstream;
 
@@ -24,5 +25,7 @@ mod util;
 
 pub use certs::TestPki;
 pub use fault::{Behavior, FaultProxy, closed_port};
+pub use process::ChildGuard;
 pub use proxies::{Dante, DanteOptions, Microsocks, Squid, SquidOptions};
 pub use upstream::{RecordedRequest, Upstream, UpstreamOptions};
+pub use util::free_port;

@@ -30,7 +30,7 @@ pub(crate) fn unique_suffix(len: usize) -> String {
 /// A TCP port on 127.0.0.1 that was free a moment ago (nothing listens on it). Ports are never handed
 /// out twice within one process, so concurrent tests don't collide with each
 /// other (another process could still grab it: callers retry on failure).
-pub(crate) fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let handed = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
     for _ in 0..1000 {

@@ -242,7 +242,10 @@ impl ConnSet {
                 st.idle.clear();
                 break;
             }
-            if conn.sender.is_ready() {
+            // Not `is_ready`: a new connection whose task has not run yet is not ready but
+            // perfectly usable (`send` waits for it). Dropping those cost the single-threaded
+            // sidecar 462 connections for 256 clients in the benchmark.
+            if !conn.sender.is_closed() {
                 return Some(Sender::H1(conn.sender));
             }
         }
@@ -391,5 +394,67 @@ impl ConnSet {
     pub fn idle_count(&self) -> usize {
         let st = self.lock();
         st.idle.len() + usize::from(st.h2.as_ref().is_some_and(|h| !h.is_closed()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt, Empty};
+    use provider_proxy_api::UpstreamUrl;
+    use provider_proxy_testkit::{Upstream, UpstreamOptions};
+
+    use super::*;
+    use crate::connector::NoObserver;
+
+    fn conns(upstream: &Upstream) -> Arc<ConnSet> {
+        let url = UpstreamUrl::parse(&upstream.base_url()).unwrap();
+        let authority = url.authority();
+        let connector = Connector::new(
+            url,
+            None,
+            None,
+            Duration::from_secs(5),
+            Arc::new(NoObserver),
+        )
+        .unwrap();
+        Arc::new(ConnSet::new(
+            connector,
+            Target {
+                scheme: Scheme::HTTP,
+                authority: Authority::try_from(authority.as_str()).unwrap(),
+                host: HeaderValue::try_from(authority.as_str()).unwrap(),
+                absolute_form: false,
+            },
+            ConnSettings {
+                connect_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(60),
+                max_connecting: 4,
+                want_h2: false,
+            },
+        ))
+    }
+
+    fn get() -> Request<RequestBody> {
+        let mut req = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
+        *req.uri_mut() = Uri::from_static("/v1/messages");
+        req
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_new_connection_parked_before_its_task_ran_is_used_not_dropped() {
+        let upstream = Upstream::start_detached(UpstreamOptions::plain());
+        let set = conns(&upstream);
+        // A connect nobody waits for any more (a freed connection served its request):
+        // the new connection is parked before its task ever ran.
+        set.lock().connecting += 1;
+        set.clone().connect().await;
+        assert_eq!(set.idle_count(), 1);
+        let (resp, lease) = set.send(get()).await.unwrap();
+        assert!(resp.status().is_success());
+        resp.into_body().collect().await.unwrap();
+        drop(lease);
+        assert_eq!(upstream.connections(), 1, "the parked connection served it");
     }
 }
