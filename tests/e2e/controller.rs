@@ -161,6 +161,7 @@ async fn start_controller_with(
             token_audience: AUDIENCE.into(),
             tls,
             defaults: quick_timeouts(),
+            log_level: Default::default(),
         },
         TrustRoots::with_extra(vec![pki.ca_der()]),
     )

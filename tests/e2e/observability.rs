@@ -262,3 +262,138 @@ async fn log_level_changes_at_runtime_only_with_the_admin_token() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// Both binaries, for real: `GET /loglevel` shows the filter in force; `PUT` replaces it
+/// at runtime only with the token of `--admin-token-file`, and the new filter takes effect:
+/// a broken client connection logs its debug line only after the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_changes_at_runtime_in_both_binaries() {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use provider_proxy_testkit::{ChildGuard, free_port};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::controller::{Cluster, raw_get, wait_until};
+    use crate::hygiene::binary;
+
+    const TOKEN: &str = "a-test-admin-token-0123";
+    let cluster = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let config = dir.path().join("providers.yaml");
+    std::fs::write(
+        &config,
+        provider("p", "https://api.example.invalid", None, ""),
+    )
+    .unwrap();
+
+    let (sidecar_admin, controller_admin) = (free_port(), free_port());
+    let mut sidecar = Command::new(binary());
+    sidecar
+        .arg("sidecar")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--admin")
+        .arg(format!("127.0.0.1:{sidecar_admin}"));
+    let mut controller = Command::new(binary());
+    controller
+        .arg("controller")
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .arg("--admin")
+        .arg(format!("127.0.0.1:{controller_admin}"))
+        .arg("--snapshot-listen")
+        .arg(format!("127.0.0.1:{}", free_port()));
+    for (name, mut cmd, admin) in [
+        ("sidecar", sidecar, sidecar_admin),
+        ("controller", controller, controller_admin),
+    ] {
+        cmd.arg("--admin-token-file")
+            .arg(&token_file)
+            .env("RUST_LOG", "warn")
+            .env("LOG_FORMAT", "json")
+            .stdout(Stdio::null());
+        let (process, logs) = ChildGuard::spawn_capturing_stderr(&mut cmd).unwrap();
+        let url = format!("http://127.0.0.1:{admin}/loglevel");
+        wait_until(Duration::from_secs(20), "admin port up", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", admin))
+                .await
+                .is_ok()
+        })
+        .await;
+        let (status, body) = raw_get(&url, None).await;
+        assert_eq!((status, body.trim()), (StatusCode::OK, "warn"), "{name}");
+        // Not HTTP: the connection ends with an error, logged at debug level.
+        let broken_client = || async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+                .await
+                .unwrap();
+            s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        };
+        broken_client().await;
+
+        let put = |token: Option<&'static str>, filter: &'static str| {
+            let url = url.clone();
+            async move {
+                let client: hyper_util::client::legacy::Client<
+                    _,
+                    http_body_util::Full<bytes::Bytes>,
+                > = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http();
+                let mut req = http::Request::put(url);
+                if let Some(t) = token {
+                    req = req.header("authorization", format!("Bearer {t}"));
+                }
+                let req = req
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                        filter.as_bytes(),
+                    )))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status();
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                (status, String::from_utf8_lossy(&body).trim().to_owned())
+            }
+        };
+        assert_eq!(
+            put(None, "debug").await.0,
+            StatusCode::UNAUTHORIZED,
+            "{name}"
+        );
+        assert_eq!(
+            put(Some("a-wrong-token-of-length"), "debug").await.0,
+            StatusCode::UNAUTHORIZED,
+            "{name}"
+        );
+        let (status, body) = put(Some(TOKEN), "not a [filter").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
+        let (status, body) = put(Some(TOKEN), "debug").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "debug"), "{name}");
+        assert_eq!(raw_get(&url, None).await.1.trim(), "debug", "{name}");
+        broken_client().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(process);
+        let logs = logs.join().unwrap();
+        assert!(
+            logs.contains("log level changed through the admin port"),
+            "{name}: {logs}"
+        );
+        assert_eq!(
+            logs.matches("connection ended with an error").count(),
+            1,
+            "{name}: the broken connection is logged after the change only: {logs}"
+        );
+        assert!(!logs.contains(TOKEN), "{name}: the token was logged");
+    }
+}

@@ -11,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use provider_proxy_api::{Manifests, Snapshot, Timeouts};
+use provider_proxy_dataplane::server::AdminToken;
 use provider_proxy_dataplane::{PoolSettings, Running, Sidecar, SidecarSettings, TrustRoots};
 use provider_proxy_testkit::TestPki;
 
@@ -59,7 +60,7 @@ impl TestSidecar {
                 admin: "127.0.0.1:0".parse().unwrap(),
                 pool,
                 grace: Duration::from_secs(2),
-                admin_token: Some("test-admin-token".into()),
+                admin_token: Some(AdminToken::new("test-admin-token").unwrap()),
             },
             TrustRoots::with_extra(vec![pki.ca_der()]),
         );

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         Command::Sidecar(args) => runtime(args.worker_threads)
             .and_then(|rt| rt.block_on(settings::run_sidecar(args, log_control))),
         Command::Controller(args) => {
-            runtime(0).and_then(|rt| rt.block_on(settings::run_controller(args)))
+            runtime(0).and_then(|rt| rt.block_on(settings::run_controller(args, log_control)))
         }
         Command::Check(args) => match runtime(0).and_then(|rt| rt.block_on(check::run(args))) {
             Ok(true) => Ok(()),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use provider_proxy_api::Timeouts;
-use provider_proxy_dataplane::server::LogControl;
+use provider_proxy_dataplane::server::{AdminToken, LogControl, LogLevelEndpoint};
 use provider_proxy_dataplane::snapshot_client::{SnapshotClient, SnapshotClientSettings};
 use provider_proxy_dataplane::{FileLoader, PoolSettings, Sidecar, SidecarSettings, TrustRoots};
 
@@ -59,7 +59,7 @@ pub fn init_logging(args: &LogArgs) -> Result<LogControl, String> {
             .try_init(),
     };
     result.map_err(|e| format!("cannot set up logging: {e}"))?;
-    Ok(Arc::new(move |new: Option<&str>| {
+    Ok(LogControl::new(move |new: Option<&str>| {
         if let Some(new) = new {
             let f = EnvFilter::try_new(new).map_err(|e| format!("invalid filter {new:?}: {e}"))?;
             handle.reload(f).map_err(|e| e.to_string())?;
@@ -248,23 +248,21 @@ pub struct SidecarArgs {
     pub pool: PoolArgs,
 }
 
+/// The token of `--admin-token-file`, if given.
+fn read_admin_token(path: Option<&std::path::Path>) -> Result<Option<AdminToken>, String> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let t = std::fs::read_to_string(p)
+        .map_err(|e| format!("--admin-token-file {}: {e}", p.display()))?;
+    AdminToken::new(&t)
+        .map(Some)
+        .map_err(|e| format!("--admin-token-file {}: {e}", p.display()))
+}
+
 pub async fn run_sidecar(args: SidecarArgs, log_control: LogControl) -> Result<(), String> {
     let roots = TrustRoots::from_env()?;
-    let admin_token = match &args.admin_token_file {
-        Some(p) => {
-            let t = std::fs::read_to_string(p)
-                .map_err(|e| format!("--admin-token-file {}: {e}", p.display()))?;
-            let t = t.trim();
-            if t.len() < 16 {
-                return Err(format!(
-                    "--admin-token-file {}: the token must be at least 16 characters",
-                    p.display()
-                ));
-            }
-            Some(Arc::from(t))
-        }
-        None => None,
-    };
+    let admin_token = read_admin_token(args.admin_token_file.as_deref())?;
     let mut sidecar = Sidecar::new(
         SidecarSettings {
             listen: args.listen,
@@ -419,11 +417,19 @@ pub struct ControllerArgs {
     /// kubeconfig to use instead of in-cluster config / $KUBECONFIG.
     #[arg(long, env = "KUBECONFIG_PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// File with a bearer token that unlocks the admin port's mutating endpoints
+    /// (`PUT /loglevel`); without it they are disabled.
+    #[arg(long, env = "PROVIDER_PROXY_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub timeouts: TimeoutArgs,
 }
 
-pub async fn run_controller(args: ControllerArgs) -> Result<(), String> {
+pub async fn run_controller(args: ControllerArgs, log_control: LogControl) -> Result<(), String> {
+    let log_level = LogLevelEndpoint {
+        control: Some(log_control),
+        token: read_admin_token(args.admin_token_file.as_deref())?,
+    };
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     let settings = provider_proxy_controller::ControllerSettings {
         admin: args.admin,
@@ -443,6 +449,7 @@ pub async fn run_controller(args: ControllerArgs) -> Result<(), String> {
         token_audience: args.token_audience,
         tls: args.tls_cert.zip(args.tls_key),
         defaults: args.timeouts.timeouts()?,
+        log_level,
     };
     let running = provider_proxy_controller::start(client, settings, TrustRoots::from_env()?)
         .await

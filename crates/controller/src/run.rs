@@ -24,6 +24,8 @@ use provider_proxy_dataplane::TrustRoots;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use provider_proxy_dataplane::server::LogLevelEndpoint;
+
 use crate::hub::SnapshotHub;
 use crate::leader::{LeaderElection, lease_api};
 use crate::metrics::ControllerMetrics;
@@ -51,6 +53,8 @@ pub struct ControllerSettings {
     pub token_audience: String,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub defaults: Timeouts,
+    /// `/loglevel` on the admin port (the binary supplies the control).
+    pub log_level: LogLevelEndpoint,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +308,7 @@ pub async fn start(
         metrics: metrics.clone(),
         complete,
         leader,
+        log_level: settings.log_level.clone(),
     });
     tasks.push(tokio::spawn(serve_admin(
         admin,
@@ -368,6 +373,7 @@ struct AdminState {
     metrics: Arc<ControllerMetrics>,
     complete: watch::Receiver<bool>,
     leader: Arc<AtomicBool>,
+    log_level: LogLevelEndpoint,
 }
 
 async fn serve_admin(
@@ -377,14 +383,18 @@ async fn serve_admin(
 ) {
     let svc = service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(admin(&req, &state)) }
+        async move { Ok::<_, Infallible>(admin(req, &state).await) }
     });
     provider_proxy_dataplane::server::serve(listener, svc, None, shutdown, Duration::from_secs(1))
         .await;
 }
 
-fn admin(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+async fn admin(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     let (status, body) = match req.uri().path() {
+        "/loglevel" => {
+            let (status, _, body) = state.log_level.handle(req).await;
+            (status, body)
+        }
         "/metrics" => (StatusCode::OK, state.metrics.render()),
         "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
         "/readyz" => {

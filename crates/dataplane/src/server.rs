@@ -1,6 +1,7 @@
 //! The data port and the admin port: accept loops on hyper, with graceful shutdown.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,16 +34,136 @@ pub async fn serve_data(
     serve(listener, service_fn(svc), None, shutdown, grace).await;
 }
 
+type LogFilterFn = dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync;
+
 /// Changes (or, with `None`, reads) the process's log filter; the binary supplies it.
-pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+#[derive(Clone)]
+pub struct LogControl(Arc<LogFilterFn>);
+
+impl LogControl {
+    pub fn new(f: impl Fn(Option<&str>) -> Result<String, String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LogControl")
+    }
+}
+
+/// Bearer token of the admin port's mutating endpoints. `Debug` never shows it.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    /// At least 16 characters: it guards a port every container of the pod can reach.
+    pub fn new(token: &str) -> Result<Self, String> {
+        let token = token.trim();
+        if token.len() < 16 {
+            return Err("the admin token must be at least 16 characters".into());
+        }
+        Ok(Self(Arc::from(token)))
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        let (a, b) = (given.trim().as_bytes(), self.0.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
+}
+
+/// `/loglevel` on the admin port of both roles: GET shows the filter in force; PUT, with
+/// the admin token, replaces it until the next PUT or restart.
+#[derive(Clone, Debug, Default)]
+pub struct LogLevelEndpoint {
+    pub control: Option<LogControl>,
+    /// Without one, PUT is disabled.
+    pub token: Option<AdminToken>,
+}
+
+impl LogLevelEndpoint {
+    pub async fn handle(&self, req: Request<Incoming>) -> (StatusCode, &'static str, String) {
+        let text = |status, body: String| (status, "text/plain", body);
+        match *req.method() {
+            http::Method::GET => match self.control.as_ref().map(|c| (c.0)(None)) {
+                Some(Ok(current)) => text(StatusCode::OK, format!("{current}\n")),
+                Some(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                None => not_available(),
+            },
+            http::Method::PUT => self.set(req).await,
+            _ => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET or PUT /loglevel\n".into(),
+            ),
+        }
+    }
+
+    /// Mutating, so it needs the admin token: the admin port is reachable by anything in
+    /// the pod (and by the kubelet), the token only by whoever mounted it.
+    async fn set(&self, req: Request<Incoming>) -> (StatusCode, &'static str, String) {
+        let text = |status, body: &str| (status, "text/plain", body.to_owned());
+        let Some(expected) = &self.token else {
+            return text(
+                StatusCode::FORBIDDEN,
+                "changing the log level is disabled; start with --admin-token-file\n",
+            );
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| expected.matches(g)) {
+            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
+        }
+        let Some(control) = &self.control else {
+            return not_available();
+        };
+        let body = match tokio::time::timeout(
+            Duration::from_secs(5),
+            http_body_util::BodyExt::collect(req.into_body()),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => return text(StatusCode::BAD_REQUEST, "could not read the body\n"),
+        };
+        let filter = String::from_utf8_lossy(&body).trim().to_owned();
+        if filter.is_empty() || filter.len() > 1024 {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "send a log filter such as `debug` or `info,hyper=warn`\n",
+            );
+        }
+        match (control.0)(Some(&filter)) {
+            Ok(now) => {
+                tracing::warn!(filter = %now, "log level changed through the admin port");
+                (StatusCode::OK, "text/plain", format!("{now}\n"))
+            }
+            Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        }
+    }
+}
+
+fn not_available() -> (StatusCode, &'static str, String) {
+    (
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        "log level control not available\n".into(),
+    )
+}
 
 /// What the admin port serves from.
 #[derive(Clone)]
 pub struct Admin {
     pub config: Arc<ConfigStore>,
-    pub log_control: Option<LogControl>,
-    /// Bearer token required by mutating endpoints; without one they are disabled.
-    pub admin_token: Option<Arc<str>>,
+    pub log_level: LogLevelEndpoint,
 }
 
 /// `/metrics`, `/healthz`, `/readyz`, `/config` (providers with masked proxies) and
@@ -103,22 +224,7 @@ async fn admin(req: Request<Incoming>, state: &Admin) -> Response<Full<Bytes>> {
             "application/json",
             describe(&config.snapshot()).to_string(),
         ),
-        (&http::Method::GET, "/loglevel") => match &state.log_control {
-            Some(f) => match f(None) {
-                Ok(current) => (StatusCode::OK, "text/plain", format!("{current}\n")),
-                Err(e) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("{e}\n"),
-                ),
-            },
-            None => (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "log level control not available\n".to_owned(),
-            ),
-        },
-        (&http::Method::PUT, "/loglevel") => set_log_level(req, state).await,
+        (_, "/loglevel") => state.log_level.handle(req).await,
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -131,74 +237,6 @@ async fn admin(req: Request<Incoming>, state: &Admin) -> Response<Full<Bytes>> {
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     resp
-}
-
-/// Mutating, so it needs the admin token: the admin port is reachable by anything in the
-/// pod (and by the kubelet), the token only by whoever mounted it.
-async fn set_log_level(
-    req: Request<Incoming>,
-    state: &Admin,
-) -> (StatusCode, &'static str, String) {
-    let Some(expected) = &state.admin_token else {
-        return (
-            StatusCode::FORBIDDEN,
-            "text/plain",
-            "changing the log level is disabled; start with --admin-token-file\n".to_owned(),
-        );
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), expected.as_bytes())) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "text/plain",
-            "admin token required\n".to_owned(),
-        );
-    }
-    let Some(control) = &state.log_control else {
-        return (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "log level control not available\n".to_owned(),
-        );
-    };
-    let body = match tokio::time::timeout(
-        Duration::from_secs(5),
-        http_body_util::BodyExt::collect(req.into_body()),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        _ => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "text/plain",
-                "could not read the body\n".to_owned(),
-            );
-        }
-    };
-    let filter = String::from_utf8_lossy(&body).trim().to_owned();
-    if filter.is_empty() || filter.len() > 1024 {
-        return (
-            StatusCode::BAD_REQUEST,
-            "text/plain",
-            "send a log filter such as `debug` or `info,hyper=warn`\n".to_owned(),
-        );
-    }
-    match control(Some(&filter)) {
-        Ok(now) => {
-            tracing::warn!(filter = %now, "log level changed through the admin port");
-            (StatusCode::OK, "text/plain", format!("{now}\n"))
-        }
-        Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serve `svc` on `listener` (TLS first when `tls` is given) until `shutdown` resolves,
@@ -293,4 +331,29 @@ pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr} for the {what} port: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_tokens_are_long_and_never_shown() {
+        assert!(AdminToken::new("short").is_err());
+        let token = AdminToken::new("  sixteen-chars-token\n").unwrap();
+        assert!(token.matches("sixteen-chars-token"));
+        assert!(!token.matches("sixteen-chars-tokem"));
+        let endpoint = LogLevelEndpoint {
+            control: None,
+            token: Some(token),
+        };
+        let settings = crate::SidecarSettings {
+            admin_token: endpoint.token.clone(),
+            ..Default::default()
+        };
+        for shown in [format!("{endpoint:?}"), format!("{settings:?}")] {
+            assert!(!shown.contains("sixteen"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+    }
 }

@@ -11,7 +11,9 @@ use crate::config::ConfigStore;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::pool::{AgentPool, PoolSettings};
-use crate::server::{Admin, LogControl, bind, serve_admin, serve_data};
+use crate::server::{
+    Admin, AdminToken, LogControl, LogLevelEndpoint, bind, serve_admin, serve_data,
+};
 use crate::tls::TrustRoots;
 
 #[derive(Clone, Debug)]
@@ -22,7 +24,7 @@ pub struct SidecarSettings {
     /// How long open connections may take to finish at shutdown.
     pub grace: Duration,
     /// Token for the admin port's mutating endpoints (`PUT /loglevel`); None disables them.
-    pub admin_token: Option<Arc<str>>,
+    pub admin_token: Option<AdminToken>,
 }
 
 impl Default for SidecarSettings {
@@ -87,8 +89,10 @@ impl Sidecar {
         ));
         let admin_state = Admin {
             config: self.config.clone(),
-            log_control: self.log_control.clone(),
-            admin_token: self.settings.admin_token.clone(),
+            log_level: LogLevelEndpoint {
+                control: self.log_control.clone(),
+                token: self.settings.admin_token.clone(),
+            },
         };
         let admin_task = tokio::spawn(serve_admin(admin, admin_state, wait_for(stopped)));
         tracing::info!(%data_addr, %admin_addr, "sidecar listening");
