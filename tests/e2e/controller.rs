@@ -1,6 +1,7 @@
 //! The controller and the push, end to end: fake API server (real kube client and real
 //! kubectl talk to it), controller in-process, sidecars in-process, real Squid.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -14,13 +15,20 @@ use hyper_util::rt::TokioExecutor;
 use provider_proxy_controller::{ControllerSettings, RunningController};
 use provider_proxy_dataplane::snapshot_client::{SnapshotClient, SnapshotClientSettings};
 use provider_proxy_dataplane::{PoolSettings, TrustRoots};
-use provider_proxy_fake_apiserver::{FakeApiServer, TokenReviewAnswer};
+use provider_proxy_fake_apiserver::{FakeApiServer, RecordedRequest, TokenReviewAnswer};
 use provider_proxy_testkit::{Squid, SquidOptions, TestPki, Upstream, UpstreamOptions};
 use serde_json::Value;
 
+use crate::helm::{ApiCall, CONTROLLER_API_CALLS, DEFAULT_LEASE, NAMESPACE, Scope};
 use crate::support::*;
 
 const AUDIENCE: &str = "provider-proxy";
+
+/// The controller's own bearer token (its ServiceAccount's, in a cluster). Everyone else
+/// connects as the kubeconfig's user (kubectl sends this plain-HTTP server no token at all),
+/// so the fake's recorded requests tell the controller's API calls from the others the way
+/// RBAC does: by who sends them.
+const CONTROLLER_TOKEN: &str = "controller-serviceaccount-token";
 
 pub(crate) struct Cluster {
     pub(crate) api: FakeApiServer,
@@ -70,8 +78,11 @@ impl Cluster {
         }
     }
 
-    fn client(&self) -> kube::Client {
-        kube::Client::try_from(self.api.kube_config()).unwrap()
+    /// A client with the controller's credentials ([`CONTROLLER_TOKEN`]).
+    fn controller_client(&self) -> kube::Client {
+        let mut config = self.api.kube_config();
+        config.auth_info.token = Some(CONTROLLER_TOKEN.to_owned().into());
+        kube::Client::try_from(config).unwrap()
     }
 
     /// Run real kubectl against the fake API server.
@@ -146,7 +157,7 @@ async fn start_controller_with(
     tls: Option<(PathBuf, PathBuf)>,
 ) -> RunningController {
     provider_proxy_controller::start(
-        cluster.client(),
+        cluster.controller_client(),
         ControllerSettings {
             admin: "127.0.0.1:0".parse().unwrap(),
             snapshot_listen: "127.0.0.1:0".parse().unwrap(),
@@ -665,10 +676,15 @@ async fn push_reaches_sidecars_isolated_by_namespace_and_survives_controller_res
     let controller = start_controller(&cluster, &pki).await;
     let url2 = format!("http://{}", controller.snapshot_addr);
     let a2 = start_pod_sidecar(&pki, cluster.dir.path(), "ai", "token-ai", &url2).await;
+    // It starts from the pod's cached snapshot, then the restarted controller's first push
+    // arrives. That push says anthropic is invalid (its Secret is still gone and this
+    // controller never saw it valid); the sidecar keeps its last good config regardless.
+    let cached = a2.sc.sidecar.config.snapshot().version;
     wait_until(Duration::from_secs(10), "resync after restart", || async {
-        a2.sc.get("/anthropic/v1/messages").await.status == StatusCode::OK
+        a2.sc.sidecar.config.snapshot().version > cached
     })
     .await;
+    a2.sc.get("/anthropic/v1/messages").await.assert_ok("proxy");
     assert_eq!(
         a2.sc.get("/openai/v1/messages").await.status,
         StatusCode::NOT_FOUND
@@ -828,4 +844,358 @@ async fn leader_election_failover_and_tls_snapshots() {
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     pod.task.abort();
     b.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The controller's API calls, as the API server authorizes them.
+
+/// What the API server's request-info makes of a request, for authorization
+/// (`k8s.io/apiserver/pkg/endpoints/request.RequestInfoFactory`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum RequestInfo {
+    /// Discovery, `/version`, `/openapi`: not a resource.
+    NonResource(String),
+    Resource(ResourceRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ResourceRequest {
+    verb: String,
+    /// `""` for core.
+    group: String,
+    /// `plural`, or `plural/subresource` as RBAC names it.
+    resource: String,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+impl ResourceRequest {
+    /// The entry of [`CONTROLLER_API_CALLS`] (as the chart renders it with default values:
+    /// every namespace watched, the Lease limited to its name in the release namespace)
+    /// that allows this request.
+    fn granted_by(&self) -> Option<&'static ApiCall> {
+        CONTROLLER_API_CALLS.iter().find(|call| {
+            call.group == self.group
+                && call.resource == self.resource
+                && call.verbs.contains(&self.verb.as_str())
+                && match call.scope {
+                    // Watching all namespaces: a ClusterRole, any namespace or all of them.
+                    Scope::Watched => true,
+                    Scope::Cluster => self.namespace.is_none(),
+                    // create cannot be limited to a name; everything else is.
+                    Scope::Own => {
+                        self.namespace.as_deref() == Some(NAMESPACE)
+                            && (self.verb == "create"
+                                || self.name.as_deref() == Some(DEFAULT_LEASE))
+                    }
+                }
+        })
+    }
+}
+
+/// Method + path (+ `watch` and `fieldSelector`) → verb, group, resource, namespace, name,
+/// the way the API server's request-info does it: `/api/v1/...` and
+/// `/apis/GROUP/VERSION/...` name resources (anything shorter is discovery), the legacy
+/// `/watch/` prefix is a verb, `namespaces/NS/` introduces a namespace unless followed by
+/// one of a namespace's own subresources, the third part is a subresource, and a GET
+/// without a name is a list, or a watch with `watch=true`.
+fn request_info(r: &RecordedRequest) -> RequestInfo {
+    let parts: Vec<&str> = r.path.split('/').filter(|s| !s.is_empty()).collect();
+    let (group, mut rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] if !rest.is_empty() => ("", rest),
+        ["apis", group, _version, rest @ ..] if !rest.is_empty() => (*group, rest),
+        _ => return RequestInfo::NonResource(r.path.clone()),
+    };
+    let mut verb = match r.method.as_str() {
+        "POST" => "create",
+        "GET" | "HEAD" => "get",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        other => panic!("{other} {}: no verb for this method", r.path),
+    };
+    if let [special @ ("watch" | "proxy"), tail @ ..] = rest {
+        verb = special;
+        rest = tail;
+    }
+    let mut namespace = None;
+    if let ["namespaces", ns, tail @ ..] = rest {
+        namespace = Some((*ns).to_owned());
+        if !tail.is_empty() && !matches!(tail[0], "status" | "finalize") {
+            rest = tail;
+        }
+    }
+    let [plural, ..] = rest else {
+        panic!("{} {}: no resource in the path", r.method, r.path);
+    };
+    let mut name = rest.get(1).map(|n| (*n).to_owned());
+    let resource = match rest.get(2) {
+        Some(sub) if verb != "proxy" => format!("{plural}/{sub}"),
+        _ => (*plural).to_owned(),
+    };
+    if name.is_none() && verb == "get" {
+        verb = if r.is_watch() { "watch" } else { "list" };
+        // A list or watch of one object by `metadata.name` counts as that name.
+        name = r.query_param("fieldSelector").and_then(|fs| {
+            fs.split(',').find_map(|term| {
+                term.strip_prefix("metadata.name==")
+                    .or_else(|| term.strip_prefix("metadata.name="))
+                    .map(str::to_owned)
+            })
+        });
+    }
+    if name.is_none() && verb == "delete" {
+        verb = "deletecollection";
+    }
+    RequestInfo::Resource(ResourceRequest {
+        verb: verb.to_owned(),
+        group: group.to_owned(),
+        resource,
+        namespace,
+        name,
+    })
+}
+
+/// Non-resource paths every authenticated identity may GET (the built-in
+/// `system:discovery` and `system:public-info-viewer` roles): no RBAC of ours needed.
+fn is_discovery(path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    matches!(p, "/api" | "/apis" | "/version" | "/openapi")
+        || p.starts_with("/api/")
+        || p.starts_with("/apis/")
+        || p.starts_with("/openapi/")
+}
+
+/// Entries of [`CONTROLLER_API_CALLS`] (group, resource, verb) the run below does not
+/// exercise, each with the reason. Empty: every grant is used.
+const NOT_EXERCISED: &[(&str, &str, &str, &str)] = &[];
+
+/// The chart's RBAC grants exactly [`CONTROLLER_API_CALLS`] (helm.rs); this proves the list
+/// is what the controller really calls. Two replicas go through the whole life cycle
+/// against the fake API server (leader election and a failover, reconciles, probes, status
+/// by server-side apply, an Event per transition and a repeated one, the Secrets watch,
+/// TokenReviews for a sidecar's push); every request they sent, as the API server's
+/// request-info maps it, must be allowed by the list, and every entry must be used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_makes_exactly_the_api_calls_its_rbac_grants() {
+    let pki = pki();
+    let cluster = Cluster::start().await;
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let squid = Squid::start(SquidOptions {
+        users: vec![("alice".into(), PASSWORD.into())],
+        https: None,
+    });
+
+    // Two replicas on a short lease: a creates it, renews it; b reads it.
+    let lease = Duration::from_secs(2);
+    let a = start_controller_with(&cluster, &pki, "replica-a", lease, None).await;
+    wait_until(Duration::from_secs(5), "replica a to lead", || async {
+        a.metrics.leader.get() == 1
+    })
+    .await;
+    let b = start_controller_with(&cluster, &pki, "replica-b", lease, None).await;
+
+    // Reconcile: Secrets fetched, probes through Squid, status applied, Events.
+    let good = cluster.write(
+        "good.yaml",
+        &examples(&upstream, &squid, "alice", PASSWORD, "ai"),
+    );
+    cluster.apply(&good);
+    cluster.wait_ready_reason("ai", "anthropic", "Ready").await;
+    let admin = a.admin_addr;
+    wait_until(Duration::from_secs(5), "controller /readyz", || async move {
+        raw_get(&format!("http://{admin}/readyz"), None).await.0 == StatusCode::OK
+    })
+    .await;
+
+    // A sidecar's push: the controller reviews its token (and a forged one).
+    let url = format!("http://{}", a.snapshot_addr);
+    assert_eq!(
+        raw_get(&format!("{url}/v1/snapshots"), Some("forged"))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let pod = start_pod_sidecar(&pki, cluster.dir.path(), "ai", "token-ai", &url).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the ai sidecar to get anthropic",
+        || async { pod.sc.get("/anthropic/v1/messages").await.status == StatusCode::OK },
+    )
+    .await;
+
+    // A failing probe, the Secret deleted (a 404 on its get) and restored: Ready again is
+    // the same Event as the first, which the recorder patches into a series.
+    cluster.apply(&cluster.write(
+        "wrong.yaml",
+        &examples(&upstream, &squid, "alice", "not-the-password", "ai"),
+    ));
+    cluster
+        .wait_ready_reason("ai", "anthropic", "ProbeFailed")
+        .await;
+    let (ok, out) =
+        cluster.kubectl(&["delete", "secret", "corp-proxy", "-n", "ai", "--wait=false"]);
+    assert!(ok, "{out}");
+    cluster
+        .wait_ready_reason("ai", "anthropic", "SecretNotFound")
+        .await;
+    cluster.apply(&good);
+    cluster.wait_ready_reason("ai", "anthropic", "Ready").await;
+    wait_until(Duration::from_secs(5), "the repeated Ready Event", || {
+        let repeated = cluster
+            .api
+            .list_json("events.k8s.io", "v1", "events", Some("ai"))
+            .iter()
+            .any(|e| {
+                e["reason"] == "Ready"
+                    && e["regarding"]["name"] == "anthropic"
+                    && e["series"]["count"].as_i64() >= Some(2)
+            });
+        async move { repeated }
+    })
+    .await;
+
+    // An invalid spec, and a deleted ProviderProxy leaving the snapshot.
+    cluster.apply(&cluster.write(
+        "bad.yaml",
+        "apiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {name: broken, namespace: ai}\nspec:\n  upstream: https://api.example\n  proxy: {url: \"ftp://user:hunter2@proxy:21\"}\n",
+    ));
+    cluster
+        .wait_ready_reason("ai", "broken", "InvalidProxyUrl")
+        .await;
+    let (ok, out) = cluster.kubectl(&["delete", "pp", "openai", "-n", "ai", "--wait=false"]);
+    assert!(ok, "{out}");
+    wait_until(
+        Duration::from_secs(5),
+        "openai to leave the snapshot",
+        || async { pod.sc.get("/openai/v1/messages").await.status == StatusCode::NOT_FOUND },
+    )
+    .await;
+
+    // Failover: a goes, b takes the Lease over and writes status from then on.
+    a.shutdown().await;
+    wait_until(Duration::from_secs(8), "replica b to take over", || async {
+        b.metrics.leader.get() == 1
+    })
+    .await;
+    cluster.apply(&cluster.write(
+        "second.yaml",
+        &provider("second", &upstream.base_url(), None, ""),
+    ));
+    cluster.wait_ready_reason("ai", "second", "Ready").await;
+    let held = cluster
+        .api
+        .get_json(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            Some(NAMESPACE),
+            DEFAULT_LEASE,
+        )
+        .expect("the Lease the chart's Role names");
+    assert_eq!(held["spec"]["holderIdentity"], "replica-b");
+    pod.task.abort();
+    b.shutdown().await;
+
+    // Every request, sorted by who sent it: the controller's token, or kubectl (the test's
+    // only other client of the API server; it names itself in its user-agent).
+    let recorded = cluster.api.requests();
+    assert!(
+        recorded.len() < 20_000,
+        "the fake's request log is full: the oldest requests were dropped"
+    );
+    let header = |r: &RecordedRequest, name: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let (controller, others): (Vec<_>, Vec<_>) = recorded.iter().partition(|r| {
+        header(r, "authorization").as_deref() == Some(&format!("Bearer {CONTROLLER_TOKEN}"))
+    });
+    for r in &others {
+        assert!(
+            header(r, "user-agent").is_some_and(
+                |ua| ua.starts_with("kubectl/") || ua.starts_with("kubectl-dispatcher/")
+            ),
+            "a request from neither the controller nor kubectl: {} {} {:?}",
+            r.method,
+            r.path,
+            r.headers
+        );
+    }
+
+    // Each of the controller's requests, allowed by the list.
+    let mut calls: BTreeMap<(String, String, String, String), usize> = BTreeMap::new();
+    let mut used: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
+    let mut denied = Vec::new();
+    let mut non_resource = BTreeSet::new();
+    for r in &controller {
+        match request_info(r) {
+            RequestInfo::NonResource(path) => {
+                assert!(
+                    r.method == "GET" && is_discovery(&path),
+                    "{} {path}: a non-resource URL nothing grants",
+                    r.method
+                );
+                non_resource.insert(path);
+            }
+            RequestInfo::Resource(req) => {
+                // Where, for the report: the Lease by name (its Role names it).
+                let scope = match (&req.namespace, &req.name) {
+                    (None, _) => "cluster-wide".to_owned(),
+                    (Some(ns), Some(name)) if req.group == "coordination.k8s.io" => {
+                        format!("{ns}/{name}")
+                    }
+                    (Some(ns), _) => format!("namespace {ns}"),
+                };
+                *calls
+                    .entry((
+                        req.group.clone(),
+                        req.resource.clone(),
+                        req.verb.clone(),
+                        scope,
+                    ))
+                    .or_default() += 1;
+                match req.granted_by() {
+                    Some(call) => {
+                        let verb = call.verbs.iter().find(|v| **v == req.verb).unwrap();
+                        used.insert((call.group, call.resource, verb));
+                    }
+                    None => denied.push(format!("{} {}?{} -> {req:?}", r.method, r.path, r.query)),
+                }
+            }
+        }
+    }
+    eprintln!("the controller's API calls (group, resource, verb, where) and how many:");
+    for (call, n) in &calls {
+        eprintln!("  {call:?} x{n}");
+    }
+    eprintln!("non-resource: {non_resource:?}");
+    assert!(
+        denied.is_empty(),
+        "the controller made calls CONTROLLER_API_CALLS (and so the chart's RBAC) does not \
+         allow:\n{}",
+        denied.join("\n")
+    );
+
+    // And the other way: every grant was needed.
+    let mut unused = Vec::new();
+    for call in CONTROLLER_API_CALLS {
+        for verb in call.verbs {
+            let key = (call.group, call.resource, *verb);
+            let excused = NOT_EXERCISED.iter().any(|(g, r, v, _)| (*g, *r, *v) == key);
+            assert!(
+                !(excused && used.contains(&key)),
+                "{key:?} is listed in NOT_EXERCISED but was used: drop it from there"
+            );
+            if !excused && !used.contains(&key) {
+                unused.push(key);
+            }
+        }
+    }
+    assert!(
+        unused.is_empty(),
+        "CONTROLLER_API_CALLS grants calls the controller never made: {unused:?}"
+    );
 }

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 const RELEASE: &str = "provider-proxy";
-const NAMESPACE: &str = "provider-proxy";
+pub(crate) const NAMESPACE: &str = "provider-proxy";
 const CHART: &str = "charts/provider-proxy";
 const MONITORING_API: &str = "monitoring.coreos.com/v1";
 
@@ -32,7 +32,7 @@ const MONITORING_API: &str = "monitoring.coreos.com/v1";
 
 /// Where an API call happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Scope {
+pub(crate) enum Scope {
     /// In every watched namespace: a ClusterRole when watching all, else a Role per namespace.
     Watched,
     /// A cluster-scoped resource.
@@ -41,26 +41,30 @@ enum Scope {
     Own,
 }
 
-struct ApiCall {
-    group: &'static str,
-    resource: &'static str,
-    verbs: &'static [&'static str],
-    scope: Scope,
+pub(crate) struct ApiCall {
+    pub(crate) group: &'static str,
+    pub(crate) resource: &'static str,
+    pub(crate) verbs: &'static [&'static str],
+    pub(crate) scope: Scope,
 }
 
 /// Every Kubernetes API call the controller makes (mirrored, for the controller crate, in
-/// charts/provider-proxy/rbac-requirements.yaml). The chart's RBAC must grant exactly these.
-const CONTROLLER_API_CALLS: &[ApiCall] = &[
+/// charts/provider-proxy/rbac-requirements.yaml). The chart's RBAC must grant exactly these;
+/// `controller::the_controller_makes_exactly_the_api_calls_its_rbac_grants` runs the
+/// controller against the fake API server and checks its recorded requests against this list.
+pub(crate) const CONTROLLER_API_CALLS: &[ApiCall] = &[
     ApiCall {
         group: "providerproxy.dev",
         resource: "providerproxies",
-        verbs: &["get", "list", "watch"],
+        // The watcher lists and watches; reconciles read its cache, never GET one.
+        verbs: &["list", "watch"],
         scope: Scope::Watched,
     },
     ApiCall {
         group: "providerproxy.dev",
         resource: "providerproxies/status",
-        verbs: &["get", "patch"],
+        // Server-side apply; the status is never read back from the API.
+        verbs: &["patch"],
         scope: Scope::Watched,
     },
     ApiCall {
@@ -69,14 +73,10 @@ const CONTROLLER_API_CALLS: &[ApiCall] = &[
         verbs: &["get", "list", "watch"],
         scope: Scope::Watched,
     },
+    // kube's Recorder writes events.k8s.io/v1 only (patch: a repeated Event's series), never
+    // core/v1 Events.
     ApiCall {
         group: "events.k8s.io",
-        resource: "events",
-        verbs: &["create", "patch"],
-        scope: Scope::Watched,
-    },
-    ApiCall {
-        group: "",
         resource: "events",
         verbs: &["create", "patch"],
         scope: Scope::Watched,
@@ -96,7 +96,7 @@ const CONTROLLER_API_CALLS: &[ApiCall] = &[
 ];
 
 /// The lease name the chart defaults to; get/update on it are limited to that name.
-const DEFAULT_LEASE: &str = "provider-proxy-controller";
+pub(crate) const DEFAULT_LEASE: &str = "provider-proxy-controller";
 
 /// Flags `provider-proxy controller` accepts.
 const CONTROLLER_FLAGS: &[&str] = &[

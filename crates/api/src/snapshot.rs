@@ -239,4 +239,73 @@ impl Snapshot {
     pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {
         self.providers.get(name)
     }
+
+    /// A provider invalid here that `previous` served keeps `previous`'s config: an edit
+    /// that breaks one provider, or a controller restarted while a Secret is missing (it has
+    /// never seen the provider valid), must not take it away from running apps. Returns the
+    /// providers kept so, with what is wrong with them now.
+    pub fn keep_last_good(&mut self, previous: &Snapshot) -> Vec<(String, Vec<FieldIssue>)> {
+        let names: Vec<String> = self
+            .invalid
+            .keys()
+            .filter(|n| previous.providers.contains_key(*n))
+            .cloned()
+            .collect();
+        let mut kept = Vec::with_capacity(names.len());
+        for name in names {
+            if let (Some(issues), Some(good)) =
+                (self.invalid.remove(&name), previous.providers.get(&name))
+            {
+                self.providers.insert(name.clone(), good.clone());
+                kept.push((name, issues));
+            }
+        }
+        kept
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Manifests;
+
+    fn snapshot(yaml: &str) -> super::Snapshot {
+        let mut m = Manifests::default();
+        m.parse_yaml("t", yaml).unwrap();
+        m.build_snapshot(1, &Default::default())
+    }
+
+    fn pp(name: &str, secret: &str) -> String {
+        format!(
+            "---\napiVersion: providerproxy.dev/v1alpha1\nkind: ProviderProxy\nmetadata: {{name: {name}}}\nspec:\n  upstream: https://{name}.example\n  proxy: {{url: \"http://proxy:3128\", credentialsSecretRef: {{name: {secret}}}}}\n"
+        )
+    }
+
+    const SECRET: &str = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: login}\nstringData: {username: u, password: p}\n";
+
+    #[test]
+    fn a_provider_that_turns_invalid_keeps_its_last_good_config() {
+        let before = snapshot(&(pp("a", "login") + &pp("gone", "login") + SECRET));
+        assert!(before.providers.contains_key("a"));
+        // The Secret is gone: a turns invalid, b was never valid, `gone` was deleted.
+        let mut after = snapshot(&(pp("a", "login") + &pp("b", "login")));
+        assert!(after.invalid.contains_key("a") && after.invalid.contains_key("b"));
+        let kept = after.keep_last_good(&before);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].0, "a");
+        assert!(
+            kept[0].1[0].to_string().contains("login"),
+            "{:?}",
+            kept[0].1
+        );
+        assert_eq!(after.providers["a"], before.providers["a"]);
+        assert!(!after.invalid.contains_key("a"));
+        assert!(
+            after.invalid.contains_key("b"),
+            "never valid: stays invalid"
+        );
+        assert!(
+            !after.providers.contains_key("gone"),
+            "deleted: stays deleted"
+        );
+    }
 }

@@ -193,23 +193,15 @@ impl FileLoader {
         // Remember even a bad set, so one broken edit is reported once, not every poll.
         self.last_sources = Some(sources);
         let mut snapshot = result?;
-        let previous = self.store.snapshot();
-        // A provider that became invalid keeps its last good config: an edit that breaks
-        // one provider must not take it away from running apps.
-        for (name, issues) in &snapshot.invalid {
-            if let Some(old) = previous.providers.get(name) {
-                tracing::error!(
-                    provider = %name,
-                    issues = %join(issues),
-                    "provider config invalid; keeping its last good config"
-                );
-                snapshot.providers.insert(name.clone(), old.clone());
-            } else {
-                tracing::error!(provider = %name, issues = %join(issues), "provider config invalid");
-            }
+        for (name, issues) in snapshot.keep_last_good(&self.store.snapshot()) {
+            tracing::error!(
+                provider = %name,
+                issues = %join(&issues),
+                "provider config invalid; keeping its last good config"
+            );
         }
-        for name in snapshot.providers.keys() {
-            snapshot.invalid.remove(name);
+        for (name, issues) in &snapshot.invalid {
+            tracing::error!(provider = %name, issues = %join(issues), "provider config invalid");
         }
         for p in snapshot.providers.values() {
             for w in &p.warnings {
@@ -269,7 +261,7 @@ impl FileLoader {
     }
 }
 
-fn join(issues: &[provider_proxy_api::FieldIssue]) -> String {
+pub(crate) fn join(issues: &[provider_proxy_api::FieldIssue]) -> String {
     issues
         .iter()
         .map(|i| i.to_string())

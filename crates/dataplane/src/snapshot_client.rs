@@ -239,7 +239,8 @@ impl SnapshotClient {
 
     /// Apply one pushed snapshot: only a valid, newer one replaces what runs.
     fn apply(&self, line: &[u8]) {
-        let snapshot = match WireSnapshot::from_json(line).and_then(WireSnapshot::into_snapshot) {
+        let mut snapshot = match WireSnapshot::from_json(line).and_then(WireSnapshot::into_snapshot)
+        {
             Ok(s) => s,
             Err(e) => {
                 self.store.metrics().config_reload_errors.inc();
@@ -264,6 +265,15 @@ impl SnapshotClient {
             && let Err(e) = write_cache(path, line)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the snapshot cache");
+        }
+        // The controller keeps a provider's last good config too, but a restarted one has
+        // never seen it valid (its Secret went missing meanwhile); the sidecar has.
+        for (name, issues) in snapshot.keep_last_good(&self.store.snapshot()) {
+            tracing::warn!(
+                provider = %name,
+                issues = %crate::config::join(&issues),
+                "the controller reports this provider invalid; keeping its last good config"
+            );
         }
         tracing::info!(
             version = snapshot.version,
