@@ -274,36 +274,18 @@ impl ConnSet {
                 .handshake(TokioIo::new(conn))
                 .await
                 .map(|(sender, driver)| {
-                    tokio::spawn(async move {
-                        if let Err(e) = driver.await {
-                            tracing::debug!(error = %e, "upstream h2 connection ended");
-                        }
-                    });
+                    drive(driver, "h2");
                     Sender::H2(sender)
                 })
-                .map_err(|e| {
-                    ConnectError::new(
-                        ErrorClass::ConnectIo,
-                        format!("HTTP/2 handshake with the upstream failed: {e}"),
-                    )
-                }),
+                .map_err(|e| handshake_failed("HTTP/2", &e)),
             Ok(conn) => http1::Builder::new()
                 .handshake(TokioIo::new(conn))
                 .await
                 .map(|(sender, driver)| {
-                    tokio::spawn(async move {
-                        if let Err(e) = driver.await {
-                            tracing::debug!(error = %e, "upstream connection ended");
-                        }
-                    });
+                    drive(driver, "h1");
                     Sender::H1(sender)
                 })
-                .map_err(|e| {
-                    ConnectError::new(
-                        ErrorClass::ConnectIo,
-                        format!("HTTP/1.1 handshake with the upstream failed: {e}"),
-                    )
-                }),
+                .map_err(|e| handshake_failed("HTTP/1.1", &e)),
             Err(e) => Err(e),
         };
         let mut st = self.lock();
@@ -395,6 +377,22 @@ impl ConnSet {
         let st = self.lock();
         st.idle.len() + usize::from(st.h2.as_ref().is_some_and(|h| !h.is_closed()))
     }
+}
+
+/// Run a connection's I/O until it closes.
+fn drive(driver: impl Future<Output = hyper::Result<()>> + Send + 'static, protocol: &'static str) {
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!(protocol, error = %e, "upstream connection ended");
+        }
+    });
+}
+
+fn handshake_failed(protocol: &str, e: &hyper::Error) -> ConnectError {
+    ConnectError::new(
+        ErrorClass::ConnectIo,
+        format!("{protocol} handshake with the upstream failed: {e}"),
+    )
 }
 
 #[cfg(test)]
