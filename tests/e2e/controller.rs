@@ -685,6 +685,18 @@ async fn push_reaches_sidecars_isolated_by_namespace_and_survives_controller_res
     })
     .await;
     a2.sc.get("/anthropic/v1/messages").await.assert_ok("proxy");
+    // And its cache says so: a pod restarted now, with no controller to reach, still
+    // serves anthropic.
+    let a3 = start_pod_sidecar(
+        &pki,
+        cluster.dir.path(),
+        "ai",
+        "token-ai",
+        "http://127.0.0.1:9",
+    )
+    .await;
+    a3.sc.get("/anthropic/v1/messages").await.assert_ok("proxy");
+    a3.task.abort();
     assert_eq!(
         a2.sc.get("/openai/v1/messages").await.status,
         StatusCode::NOT_FOUND

@@ -239,8 +239,9 @@ impl SnapshotClient {
 
     /// Apply one pushed snapshot: only a valid, newer one replaces what runs.
     fn apply(&self, line: &[u8]) {
-        let mut snapshot = match WireSnapshot::from_json(line).and_then(WireSnapshot::into_snapshot)
-        {
+        let parsed = WireSnapshot::from_json(line)
+            .and_then(|w| Ok((w.namespace.clone(), w.into_snapshot()?)));
+        let (namespace, mut snapshot) = match parsed {
             Ok(s) => s,
             Err(e) => {
                 self.store.metrics().config_reload_errors.inc();
@@ -261,19 +262,28 @@ impl SnapshotClient {
         if snapshot.version == current && self.store.is_loaded() {
             return;
         }
-        if let Some(path) = &self.settings.cache
-            && let Err(e) = write_cache(path, line)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write the snapshot cache");
-        }
         // The controller keeps a provider's last good config too, but a restarted one has
         // never seen it valid (its Secret went missing meanwhile); the sidecar has.
-        for (name, issues) in snapshot.keep_last_good(&self.store.snapshot()) {
+        let kept = snapshot.keep_last_good(&self.store.snapshot());
+        for (name, issues) in &kept {
             tracing::warn!(
                 provider = %name,
-                issues = %crate::config::join(&issues),
+                issues = %crate::config::join(issues),
                 "the controller reports this provider invalid; keeping its last good config"
             );
+        }
+        if let Some(path) = &self.settings.cache {
+            // What runs, so a restart during the controller's outage keeps it too.
+            let merged;
+            let bytes = if kept.is_empty() {
+                line
+            } else {
+                merged = WireSnapshot::from_snapshot(&namespace, &snapshot).to_json();
+                merged.as_bytes()
+            };
+            if let Err(e) = write_cache(path, bytes) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the snapshot cache");
+            }
         }
         tracing::info!(
             version = snapshot.version,
