@@ -139,15 +139,20 @@ fn headers_clone(b: divan::Bencher) {
 
 // ------------------------------------------------------------------ pool
 
+/// The path a request of `p` takes when all is well.
+fn usual_path(p: &Provider) -> Path {
+    if p.proxy.is_some() {
+        Path::Proxy
+    } else {
+        Path::Direct
+    }
+}
+
 #[divan::bench(args = ["gemini", "anthropic"])]
 fn pool_key(b: divan::Bencher, name: &str) {
     let pool = pool();
     let p = provider(name);
-    let path = if p.proxy.is_some() {
-        Path::Proxy
-    } else {
-        Path::Direct
-    };
+    let path = usual_path(&p);
     b.bench(|| pool.key(black_box(&p), path));
 }
 
@@ -155,11 +160,7 @@ fn pool_key(b: divan::Bencher, name: &str) {
 fn pool_checkout_hit(b: divan::Bencher, name: &str) {
     let pool = pool();
     let p = provider(name);
-    let path = if p.proxy.is_some() {
-        Path::Proxy
-    } else {
-        Path::Direct
-    };
+    let path = usual_path(&p);
     drop(pool.checkout(&p, path).unwrap());
     b.bench(|| pool.checkout(black_box(&p), path).unwrap());
 }
@@ -169,11 +170,7 @@ fn pool_checkout_hit(b: divan::Bencher, name: &str) {
 fn pool_checkout_keyed_hit(b: divan::Bencher, name: &str) {
     let pool = pool();
     let p = provider(name);
-    let path = if p.proxy.is_some() {
-        Path::Proxy
-    } else {
-        Path::Direct
-    };
+    let path = usual_path(&p);
     let key = pool.key(&p, path);
     drop(pool.checkout_keyed(&key, &p, path).unwrap());
     b.bench(|| pool.checkout_keyed(black_box(&key), &p, path).unwrap());

@@ -36,18 +36,8 @@ impl Peer {
         Peer::SidecarOneThread,
     ];
 
-    /// Peers run when `BENCH_PEERS` is not set.
-    pub const DEFAULT: [Peer; 9] = [
-        Peer::Floor(Path3::Direct),
-        Peer::Floor(Path3::Squid),
-        Peer::Floor(Path3::Dante),
-        Peer::Nginx,
-        Peer::Sidecar(Path3::Direct),
-        Peer::Sidecar(Path3::Squid),
-        Peer::Sidecar(Path3::Dante),
-        Peer::SidecarH2,
-        Peer::SidecarOneThread,
-    ];
+    /// Peers run when `BENCH_PEERS` is not set: all of them.
+    pub const DEFAULT: [Peer; 9] = Self::ALL;
 
     pub fn is_sidecar(self) -> bool {
         matches!(

@@ -180,8 +180,3 @@ fn status_class_index(s: StatusCode) -> usize {
         _ => 4,
     }
 }
-
-/// `2xx` and friends, for the label.
-pub fn status_class(s: StatusCode) -> &'static str {
-    STATUS_CLASSES[status_class_index(s)]
-}

@@ -371,12 +371,6 @@ impl ConnSet {
         st.idle.clear();
         st.h2 = None;
     }
-
-    /// Idle HTTP/1.1 connections and whether a shared h2 connection is open.
-    pub fn idle_count(&self) -> usize {
-        let st = self.lock();
-        st.idle.len() + usize::from(st.h2.as_ref().is_some_and(|h| !h.is_closed()))
-    }
 }
 
 /// Run a connection's I/O until it closes.
@@ -448,7 +442,7 @@ mod tests {
         // the new connection is parked before its task ever ran.
         set.lock().connecting += 1;
         set.clone().connect().await;
-        assert_eq!(set.idle_count(), 1);
+        assert_eq!(set.lock().idle.len(), 1);
         let (resp, lease) = set.send(get()).await.unwrap();
         assert!(resp.status().is_success());
         resp.into_body().collect().await.unwrap();

@@ -172,10 +172,6 @@ impl Agent {
     ) -> Result<(Response<Incoming>, ConnLease), SendError> {
         self.conns.send(req).await
     }
-    /// Idle connections (and a shared h2 one) this agent holds.
-    pub fn idle_connections(&self) -> usize {
-        self.conns.idle_count()
-    }
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
