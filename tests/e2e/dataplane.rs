@@ -2,12 +2,16 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use provider_proxy_dataplane::PoolSettings;
+use provider_proxy_testkit::client::{send_h1, send_h1_streaming};
 use provider_proxy_testkit::{
     Behavior, Dante, DanteOptions, FaultProxy, Microsocks, Squid, SquidOptions, Upstream,
     UpstreamOptions,
 };
+use tokio::net::TcpStream;
 
 use crate::support::*;
 
@@ -203,6 +207,77 @@ async fn sse_streams_through_unbuffered() {
     assert!(
         last - first >= Duration::from_millis(500),
         "arrivals {arrivals:?}"
+    );
+}
+
+/// With worker threads (the binary's default), client connections are dealt round-robin
+/// and each worker keeps its own upstream connections, so a request never uses one that
+/// another thread drives. At shutdown the port stops taking connections at once, and every
+/// worker lets its open streams finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_keep_their_own_upstream_connections_and_drain_at_shutdown() {
+    let pki = pki();
+    let upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+    let mut sc = TestSidecar::start_with_workers(&pki, PoolSettings::default(), 2).await;
+    sc.apply(&provider("p", &upstream.base_url(), None, ""), 1);
+    let addr = sc.running.as_ref().unwrap().data_addr;
+    let get = |path: &str| {
+        Request::get(path)
+            .header("host", addr.to_string())
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    // Six client connections, one after another: three land on each worker.
+    for i in 0..6 {
+        let io = TcpStream::connect(addr).await.unwrap();
+        let (parts, _) = send_h1(io, get("/p/v1/messages")).await.unwrap();
+        assert_eq!(parts.status, StatusCode::OK, "request {i}");
+    }
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "one upstream connection per worker, each reused by its own worker only"
+    );
+
+    // Four streams, two on each worker, then shutdown.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let io = TcpStream::connect(addr).await.unwrap();
+        let resp = send_h1_streaming(io, get("/p/v1/sse?events=8&interval_ms=100"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        streams.push(tokio::spawn(async move {
+            let rest = body.collect().await.expect("stream intact").to_bytes();
+            [first, rest].concat()
+        }));
+    }
+    let running = sc.running.take().unwrap();
+    let started = Instant::now();
+    let stopping = tokio::spawn(running.shutdown());
+    let mut refused = false;
+    for _ in 0..100 {
+        if TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        refused,
+        "the data port still takes connections after shutdown began"
+    );
+    for s in streams {
+        let text = String::from_utf8(s.await.unwrap()).unwrap();
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 8, "every open stream finished whole: {text}");
+    }
+    stopping.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the workers finished when their streams did, not at the grace period"
     );
 }
 

@@ -53,6 +53,11 @@ pub struct TestSidecar {
 
 impl TestSidecar {
     pub async fn start(pki: &TestPki, pool: PoolSettings) -> Self {
+        Self::start_with_workers(pki, pool, 0).await
+    }
+
+    /// `workers` data-plane threads of its own (0: requests run on the test's runtime).
+    pub async fn start_with_workers(pki: &TestPki, pool: PoolSettings, workers: usize) -> Self {
         init_tracing();
         let sidecar = Sidecar::new(
             SidecarSettings {
@@ -61,6 +66,7 @@ impl TestSidecar {
                 pool,
                 grace: Duration::from_secs(2),
                 admin_token: Some(AdminToken::new("test-admin-token").unwrap()),
+                workers,
             },
             TrustRoots::with_extra(vec![pki.ca_der()]),
         );

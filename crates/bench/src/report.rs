@@ -19,8 +19,8 @@ pub enum Peer {
     Sidecar(Path3),
     /// The sidecar, direct, with `http2: true` (one multiplexed h2 connection upstream).
     SidecarH2,
-    /// The sidecar, direct, on a single-threaded event loop (`--worker-threads 1`).
-    SidecarOneThread,
+    /// The sidecar, direct, with one data-plane worker (`--worker-threads 1`).
+    SidecarOneWorker,
 }
 
 impl Peer {
@@ -33,7 +33,7 @@ impl Peer {
         Peer::Sidecar(Path3::Squid),
         Peer::Sidecar(Path3::Dante),
         Peer::SidecarH2,
-        Peer::SidecarOneThread,
+        Peer::SidecarOneWorker,
     ];
 
     /// Peers run when `BENCH_PEERS` is not set: all of them.
@@ -42,7 +42,7 @@ impl Peer {
     pub fn is_sidecar(self) -> bool {
         matches!(
             self,
-            Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneThread
+            Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneWorker
         )
     }
 
@@ -57,7 +57,7 @@ impl Peer {
             Peer::Sidecar(Path3::Squid) => "sidecar-squid",
             Peer::Sidecar(Path3::Dante) => "sidecar-dante",
             Peer::SidecarH2 => "sidecar-h2",
-            Peer::SidecarOneThread => "sidecar-1t",
+            Peer::SidecarOneWorker => "sidecar-1t",
         }
     }
 
@@ -71,7 +71,7 @@ impl Peer {
             Peer::Sidecar(Path3::Squid) => "sidecar via Squid",
             Peer::Sidecar(Path3::Dante) => "sidecar via Dante",
             Peer::SidecarH2 => "sidecar, direct, h2 upstream",
-            Peer::SidecarOneThread => "sidecar, direct, 1 thread",
+            Peer::SidecarOneWorker => "sidecar, direct, 1 worker",
         }
     }
 
@@ -79,7 +79,7 @@ impl Peer {
     pub fn floor(self) -> Peer {
         match self {
             Peer::Floor(p) | Peer::Sidecar(p) => Peer::Floor(p),
-            Peer::Nginx | Peer::SidecarH2 | Peer::SidecarOneThread => Peer::Floor(Path3::Direct),
+            Peer::Nginx | Peer::SidecarH2 | Peer::SidecarOneWorker => Peer::Floor(Path3::Direct),
         }
     }
 }
@@ -413,8 +413,8 @@ pub fn targets(results: &[ScenarioResult]) -> Vec<Verdict> {
             for (peer, what) in [
                 (side(Path3::Direct), "sidecar direct"),
                 (
-                    Peer::SidecarOneThread,
-                    "(beyond the issue) sidecar direct on 1 thread",
+                    Peer::SidecarOneWorker,
+                    "(beyond the issue) sidecar direct, 1 worker",
                 ),
             ] {
                 if let (Some(s), Some(n)) = (r.stats(peer), r.stats(Peer::Nginx)) {

@@ -169,7 +169,7 @@ async fn run(cfg: Config) -> Result<(), String> {
                 let idx = (i + round) % rows.len();
                 let peer = rows[idx].0;
                 if peer.is_sidecar() {
-                    bench.start_sidecar(peer == Peer::SidecarOneThread)?;
+                    bench.start_sidecar(peer == Peer::SidecarOneWorker)?;
                 }
                 let cell = run_cell(&bench, peer, sc, &cfg, ticks).await;
                 if peer.is_sidecar() {
@@ -265,7 +265,7 @@ fn target_for(b: &Bench, peer: Peer, sc: Scenario) -> Result<Target, String> {
             None,
             format!("/{kind}-direct-h2/v1/messages"),
         ),
-        Peer::SidecarOneThread => (
+        Peer::SidecarOneWorker => (
             b.sidecar_addr,
             Via::Direct,
             None,
@@ -294,7 +294,7 @@ fn fwd_group(b: &Bench, peer: Peer) -> Option<Group> {
     match peer {
         Peer::Floor(_) => None,
         Peer::Nginx => Some(b.nginx_rp_group()),
-        Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneThread => b.sidecar_group(),
+        Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneWorker => b.sidecar_group(),
     }
 }
 

@@ -260,8 +260,8 @@ impl Bench {
     }
 
     /// (Re)start the sidecar on fresh ports; the previous one, if any, is killed first.
-    /// `one_thread`: on a single-threaded event loop (`--worker-threads 1`).
-    pub fn start_sidecar(&mut self, one_thread: bool) -> Result<(), String> {
+    /// `one_worker`: with one data-plane worker (`--worker-threads 1`).
+    pub fn start_sidecar(&mut self, one_worker: bool) -> Result<(), String> {
         self.stop_sidecar();
         let d = self.dir.path();
         self.sidecar_starts += 1;
@@ -276,7 +276,7 @@ impl Bench {
             .arg("--admin")
             .arg(admin.to_string())
             .arg("--worker-threads")
-            .arg(if one_thread { "1" } else { "0" })
+            .arg(if one_worker { "1" } else { "0" })
             .env("SSL_CERT_FILE", d.join("ca.crt"))
             .env("RUST_LOG", &self.sidecar_log);
         let log = d.join(format!("sidecar-{}.log", self.sidecar_starts));

@@ -52,12 +52,14 @@ fn main() -> ExitCode {
         Command::Crd => provider_proxy_api::crd_yaml()
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),
-        Command::Sidecar(args) => runtime(args.worker_threads)
-            .and_then(|rt| rt.block_on(settings::run_sidecar(args, log_control))),
-        Command::Controller(args) => {
-            runtime(0).and_then(|rt| rt.block_on(settings::run_controller(args, log_control)))
+        // Requests run on the sidecar's own worker threads; this one runs the rest.
+        Command::Sidecar(args) => {
+            runtime(true).and_then(|rt| rt.block_on(settings::run_sidecar(args, log_control)))
         }
-        Command::Check(args) => match runtime(0).and_then(|rt| rt.block_on(check::run(args))) {
+        Command::Controller(args) => {
+            runtime(false).and_then(|rt| rt.block_on(settings::run_controller(args, log_control)))
+        }
+        Command::Check(args) => match runtime(false).and_then(|rt| rt.block_on(check::run(args))) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),
@@ -72,16 +74,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `threads`: 0 = one worker per CPU; 1 = a single-threaded event loop.
-fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = match threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
+/// `single`: one thread (the sidecar's control side); else one worker per CPU.
+fn runtime(single: bool) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     };
     builder
         .enable_all()

@@ -236,10 +236,10 @@ pub struct SidecarArgs {
         value_name = "SECONDS"
     )]
     pub shutdown_grace: u64,
-    /// Threads serving requests; 0 = one per CPU. With 1 the sidecar runs on a single
-    /// event loop (no work stealing, no cross-thread wake-ups): about 10-30 % less CPU per
-    /// request in the benchmark, at the cost of first-byte latency under bursts of many
-    /// streams. A pod's sidecar with a CPU limit of one core or less wants 1.
+    /// Data-plane event loops, each a thread of its own (like nginx's workers); 0 = one per
+    /// CPU the container may use. Client connections are dealt round-robin and each keeps
+    /// its upstream connections on its worker, so a request never wakes another thread.
+    /// The admin port, config source and probes run on a separate, mostly idle thread.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 0, value_name = "N")]
     pub worker_threads: usize,
     #[command(flatten)]
@@ -270,6 +270,10 @@ pub async fn run_sidecar(args: SidecarArgs, log_control: LogControl) -> Result<(
             pool: args.pool.settings()?,
             grace: Duration::from_secs(args.shutdown_grace),
             admin_token,
+            workers: match args.worker_threads {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
         },
         roots,
     );

@@ -1,8 +1,8 @@
 //! The data plane: the forwarding sidecar. It is handed [`Snapshot`]s (from files or the
 //! controller) and knows nothing of Kubernetes clients.
 //!
-//! request → [`server`] → [`forward`] (route by `/<provider>/`, [`route`] table of the
-//! snapshot in force) → [`pool`] (agent per path)
+//! request → [`workers`] (one event loop per core) → [`server`] → [`forward`] (route by
+//! `/<provider>/`, [`route`] table of the snapshot in force) → [`pool`] (agent per path)
 //! → [`connector`] (direct | HTTP CONNECT | HTTPS proxy | SOCKS5 | SOCKS4) → upstream.
 //!
 //! [`Snapshot`]: provider_proxy_api::Snapshot
@@ -20,6 +20,7 @@ pub mod server;
 pub mod sidecar;
 pub mod snapshot_client;
 pub mod tls;
+pub mod workers;
 
 pub use config::{ConfigStore, FileLoader};
 pub use error::{ConnectError, ErrorClass};

@@ -14,10 +14,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{ConfigStore, describe};
-use crate::forward::Forwarder;
+use crate::forward::{Forwarder, ResponseBody};
 
 /// Serve `forwarder` on `listener` until `shutdown` resolves, then let open connections
 /// finish for up to `grace`.
@@ -27,11 +27,24 @@ pub async fn serve_data(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let svc = move |req: Request<Incoming>| {
+    serve(listener, data_service(forwarder), None, shutdown, grace).await;
+}
+
+/// The data port's service: every request to the forwarder.
+pub(crate) fn data_service(
+    forwarder: Arc<Forwarder>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ResponseBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |req: Request<Incoming>| {
         let f = forwarder.clone();
         async move { Ok::<_, Infallible>(f.handle(req).await) }
-    };
-    serve(listener, service_fn(svc), None, shutdown, grace).await;
+    })
 }
 
 type LogFilterFn = dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync;
@@ -240,8 +253,8 @@ async fn admin(req: Request<Incoming>, state: &Admin) -> Response<Full<Bytes>> {
 }
 
 /// Serve `svc` on `listener` (TLS first when `tls` is given) until `shutdown` resolves,
-/// then give open connections up to `grace` to finish. The one accept loop of every port
-/// of every role.
+/// then give open connections up to `grace` to finish. The accept loop of every port of
+/// every role, except the data port with dedicated workers (see [`serve_handed`]).
 pub async fn serve<S, B>(
     listener: TcpListener,
     svc: S,
@@ -257,8 +270,49 @@ pub async fn serve<S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let conns = Connections::new(svc, tls);
+    accept_until(&listener, shutdown, |stream, peer| {
+        conns.spawn(stream, peer)
+    })
+    .await;
+    drop(listener);
+    conns.finish(grace).await;
+}
+
+/// Serve `svc` on the connections an acceptor hands over (see `workers`) until it stops
+/// handing, then give open connections up to `grace` to finish.
+pub async fn serve_handed<S, B>(
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    svc: S,
+    grace: Duration,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conns = Connections::new(svc, None);
+    while let Some(stream) = inbox.recv().await {
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        match TcpStream::from_std(stream) {
+            Ok(stream) => conns.spawn(stream, peer),
+            Err(e) => tracing::warn!(%peer, error = %e, "cannot take over a connection"),
+        }
+    }
+    conns.finish(grace).await;
+}
+
+/// Accept on `listener` until `shutdown` resolves, handing each connection to `handle`.
+pub(crate) async fn accept_until(
+    listener: &TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut handle: impl FnMut(TcpStream, SocketAddr),
+) {
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -271,14 +325,47 @@ pub async fn serve<S, B>(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut shutdown => return,
         };
         let _ = stream.set_nodelay(true);
+        handle(stream, peer);
+    }
+}
+
+/// The HTTP connections of one accept loop: each on a task of the runtime that spawns it,
+/// all of them watched for a graceful shutdown.
+struct Connections<S> {
+    svc: S,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+}
+
+impl<S, B> Connections<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn new(svc: S, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        Self {
+            svc,
+            tls,
+            builder: auto::Builder::new(TokioExecutor::new()),
+            graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+        }
+    }
+
+    fn spawn(&self, stream: TcpStream, peer: SocketAddr) {
         let (svc, builder, watcher, tls) = (
-            svc.clone(),
-            builder.clone(),
-            graceful.watcher(),
-            tls.clone(),
+            self.svc.clone(),
+            self.builder.clone(),
+            self.graceful.watcher(),
+            self.tls.clone(),
         );
         tokio::spawn(async move {
             let result = match tls {
@@ -314,15 +401,18 @@ pub async fn serve<S, B>(
             }
         });
     }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "connections still open after {} s; closing them",
-            grace.as_secs()
-        );
+
+    /// Ask every connection to finish after its current request; wait up to `grace`.
+    async fn finish(self, grace: Duration) {
+        if tokio::time::timeout(grace, self.graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still open after {} s; closing them",
+                grace.as_secs()
+            );
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::server::{
     Admin, AdminToken, LogControl, LogLevelEndpoint, bind, serve_admin, serve_data,
 };
 use crate::tls::TrustRoots;
+use crate::workers::Workers;
 
 #[derive(Clone, Debug)]
 pub struct SidecarSettings {
@@ -25,6 +26,9 @@ pub struct SidecarSettings {
     pub grace: Duration,
     /// Token for the admin port's mutating endpoints (`PUT /loglevel`); None disables them.
     pub admin_token: Option<AdminToken>,
+    /// Data-plane event loops, each a thread with its own single-threaded runtime (see
+    /// [`crate::workers`]). 0 serves requests on the runtime that calls `start`.
+    pub workers: usize,
 }
 
 impl Default for SidecarSettings {
@@ -35,6 +39,7 @@ impl Default for SidecarSettings {
             pool: PoolSettings::default(),
             grace: Duration::from_secs(30),
             admin_token: None,
+            workers: 0,
         }
     }
 }
@@ -52,11 +57,12 @@ pub struct Sidecar {
 impl Sidecar {
     pub fn new(settings: SidecarSettings, roots: TrustRoots) -> Self {
         let metrics = Metrics::new();
-        let pool = Arc::new(AgentPool::new(
-            settings.pool.clone(),
-            roots,
-            metrics.clone(),
-        ));
+        // One connection shard per worker, and shard 0 for the calling runtime's own use
+        // (probes, or every request when there are no workers).
+        let pool = Arc::new(
+            AgentPool::new(settings.pool.clone(), roots, metrics.clone())
+                .with_shards(settings.workers + 1),
+        );
         metrics.register_pool(&pool);
         let config = Arc::new(ConfigStore::new(pool.clone(), metrics.clone()));
         Self {
@@ -81,12 +87,17 @@ impl Sidecar {
             self.metrics.clone(),
         ));
         let sweeper = self.pool.spawn_sweeper();
-        let data_task = tokio::spawn(serve_data(
-            data,
-            forwarder,
-            wait_for(stopped.clone()),
-            self.settings.grace,
-        ));
+        let data_task = if self.settings.workers == 0 {
+            tokio::spawn(serve_data(
+                data,
+                forwarder,
+                wait_for(stopped.clone()),
+                self.settings.grace,
+            ))
+        } else {
+            let workers = Workers::start(self.settings.workers, &forwarder, self.settings.grace)?;
+            tokio::spawn(workers.serve(data, wait_for(stopped.clone())))
+        };
         let admin_state = Admin {
             config: self.config.clone(),
             log_level: LogLevelEndpoint {
@@ -95,7 +106,7 @@ impl Sidecar {
             },
         };
         let admin_task = tokio::spawn(serve_admin(admin, admin_state, wait_for(stopped)));
-        tracing::info!(%data_addr, %admin_addr, "sidecar listening");
+        tracing::info!(%data_addr, %admin_addr, workers = self.settings.workers, "sidecar listening");
         Ok(Running {
             data_addr,
             admin_addr,

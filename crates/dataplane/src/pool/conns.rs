@@ -1,5 +1,6 @@
 //! The connections of one agent: idle HTTP/1.1 connections (most recently used first) or
-//! one shared HTTP/2 connection, built on `hyper::client::conn`.
+//! one shared HTTP/2 connection, built on `hyper::client::conn`; a set of them per
+//! data-plane worker (shard), so a connection is driven and used on one thread.
 //!
 //! Why not hyper-util's pooling client: it races a fresh connect against the idle list for
 //! every request that finds no idle connection, and lets every connect it started run to
@@ -89,25 +90,32 @@ pub(crate) struct ConnSet {
     target: Target,
     settings: ConnSettings,
     h2: http2::Builder<TokioExecutor>,
-    state: Mutex<State>,
+    /// One per shard (see [`crate::workers::shard`]); a connection lives in the shard of
+    /// the thread whose runtime drives it.
+    shards: Box<[Mutex<State>]>,
     retired: AtomicBool,
 }
 
 /// Holds an HTTP/1.1 connection while its response body streams; returns it on drop.
 pub struct ConnLease {
-    h1: Option<(Arc<ConnSet>, http1::SendRequest<RequestBody>)>,
+    h1: Option<(Arc<ConnSet>, usize, http1::SendRequest<RequestBody>)>,
 }
 
 impl Drop for ConnLease {
     fn drop(&mut self) {
-        if let Some((set, sender)) = self.h1.take() {
-            set.put_back(sender);
+        if let Some((set, shard, sender)) = self.h1.take() {
+            set.put_back(shard, sender);
         }
     }
 }
 
 impl ConnSet {
-    pub fn new(connector: Connector, target: Target, settings: ConnSettings) -> Self {
+    pub fn new(
+        connector: Connector,
+        target: Target,
+        settings: ConnSettings,
+        shards: usize,
+    ) -> Self {
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -124,14 +132,20 @@ impl ConnSet {
             target,
             settings,
             h2,
-            state: Mutex::new(State::default()),
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(State::default()))
+                .collect(),
             retired: AtomicBool::new(false),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self, shard: usize) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent at each step.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn current_shard(&self) -> usize {
+        crate::workers::shard() % self.shards.len()
     }
 
     /// Send `req` (origin-form URI: path and query) to the upstream.
@@ -144,8 +158,9 @@ impl ConnSet {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let shard = self.current_shard();
         for _ in 0..SEND_ATTEMPTS {
-            match self.checkout().await.map_err(SendError::Connect)? {
+            match self.checkout(shard).await.map_err(SendError::Connect)? {
                 Sender::H1(mut sender) => {
                     if !sender.is_ready() && sender.ready().await.is_err() {
                         continue; // closed before use: nothing sent
@@ -160,7 +175,7 @@ impl ConnSet {
                     match sender.try_send_request(req).await {
                         Ok(resp) => {
                             let lease = ConnLease {
-                                h1: Some((self.clone(), sender)),
+                                h1: Some((self.clone(), shard, sender)),
                             };
                             return Ok((resp, lease));
                         }
@@ -202,15 +217,15 @@ impl ConnSet {
 
     /// A usable connection: idle or shared if there is one, else the next one that frees
     /// up or gets built, whichever comes first, within the connect timeout.
-    async fn checkout(self: &Arc<Self>) -> Result<Sender, ConnectError> {
+    async fn checkout(self: &Arc<Self>, shard: usize) -> Result<Sender, ConnectError> {
         let rx = {
-            let mut st = self.lock();
+            let mut st = self.lock(shard);
             if let Some(s) = self.take_usable(&mut st) {
                 return Ok(s);
             }
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(tx);
-            self.start_connects(&mut st);
+            self.start_connects(shard, &mut st);
             rx
         };
         match tokio::time::timeout(self.settings.connect_timeout, rx).await {
@@ -253,7 +268,7 @@ impl ConnSet {
     }
 
     /// Start connects while fewer are pending than requests waiting, up to the limit.
-    fn start_connects(self: &Arc<Self>, st: &mut State) {
+    fn start_connects(self: &Arc<Self>, shard: usize, st: &mut State) {
         st.waiters.retain(|w| !w.is_closed());
         let limit = if self.settings.want_h2 && !st.saw_h1 {
             1
@@ -263,11 +278,11 @@ impl ConnSet {
         while st.connecting < st.waiters.len() && st.connecting < limit {
             st.connecting += 1;
             let set = self.clone();
-            tokio::spawn(async move { set.connect().await });
+            tokio::spawn(async move { set.connect(shard).await });
         }
     }
 
-    async fn connect(self: Arc<Self>) {
+    async fn connect(self: Arc<Self>, shard: usize) {
         let result = match self.connector.connect().await {
             Ok(conn) if conn.is_h2() => self
                 .h2
@@ -288,7 +303,7 @@ impl ConnSet {
                 .map_err(|e| handshake_failed("HTTP/1.1", &e)),
             Err(e) => Err(e),
         };
-        let mut st = self.lock();
+        let mut st = self.lock(shard);
         st.connecting -= 1;
         match result {
             Ok(Sender::H2(sender)) => {
@@ -316,7 +331,7 @@ impl ConnSet {
                 }
             }
         }
-        self.start_connects(&mut st);
+        self.start_connects(shard, &mut st);
     }
 
     /// To the oldest waiter, else to the idle list (unless retired: then it closes).
@@ -338,18 +353,18 @@ impl ConnSet {
 
     /// An HTTP/1.1 connection whose response ended. Ready now in the common case (hyper
     /// saw the end of the body before we did); otherwise once it is, or never if it closes.
-    fn put_back(self: Arc<Self>, mut sender: http1::SendRequest<RequestBody>) {
+    fn put_back(self: Arc<Self>, shard: usize, mut sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
         if sender.is_ready() {
-            let mut st = self.lock();
+            let mut st = self.lock(shard);
             self.hand_over(&mut st, sender);
             return;
         }
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                let mut st = self.lock();
+                let mut st = self.lock(shard);
                 self.hand_over(&mut st, sender);
             }
         });
@@ -358,18 +373,22 @@ impl ConnSet {
     /// Close idle connections past the idle timeout and ones the upstream closed.
     pub fn reap_idle(&self) {
         let timeout = self.settings.idle_timeout;
-        self.lock()
-            .idle
-            .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+        for shard in 0..self.shards.len() {
+            self.lock(shard)
+                .idle
+                .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+        }
     }
 
     /// The agent left the pool: close what is idle now; connections in use close when
     /// their response ends. Requests already waiting are still served.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
-        let mut st = self.lock();
-        st.idle.clear();
-        st.h2 = None;
+        for shard in 0..self.shards.len() {
+            let mut st = self.lock(shard);
+            st.idle.clear();
+            st.h2 = None;
+        }
     }
 }
 
@@ -425,6 +444,7 @@ mod tests {
                 max_connecting: 4,
                 want_h2: false,
             },
+            1,
         ))
     }
 
@@ -440,9 +460,9 @@ mod tests {
         let set = conns(&upstream);
         // A connect nobody waits for any more (a freed connection served its request):
         // the new connection is parked before its task ever ran.
-        set.lock().connecting += 1;
-        set.clone().connect().await;
-        assert_eq!(set.lock().idle.len(), 1);
+        set.lock(0).connecting += 1;
+        set.clone().connect(0).await;
+        assert_eq!(set.lock(0).idle.len(), 1);
         let (resp, lease) = set.send(get()).await.unwrap();
         assert!(resp.status().is_success());
         resp.into_body().collect().await.unwrap();

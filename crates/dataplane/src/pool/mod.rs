@@ -213,6 +213,7 @@ pub struct AgentPool {
     epoch: Instant,
     next_id: AtomicU64,
     stats: PoolStats,
+    shards: usize,
 }
 
 impl AgentPool {
@@ -230,7 +231,15 @@ impl AgentPool {
             epoch: Instant::now(),
             next_id: AtomicU64::new(1),
             stats: PoolStats::default(),
+            shards: 1,
         }
+    }
+
+    /// Keep each agent's connections in `shards` sets, one per data-plane worker thread
+    /// plus one for other threads (see [`crate::workers`]).
+    pub fn with_shards(mut self, shards: usize) -> Self {
+        self.shards = shards.max(1);
+        self
     }
 
     pub fn settings(&self) -> &PoolSettings {
@@ -395,6 +404,7 @@ impl AgentPool {
                 max_connecting: self.settings.max_connecting,
                 want_h2: provider.http2 && provider.upstream.is_https(),
             },
+            self.shards,
         );
         Ok(Agent {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
