@@ -282,7 +282,7 @@ pub async fn serve<S, B>(
 /// Serve `svc` on the connections an acceptor hands over (see `workers`) until it stops
 /// handing, then give open connections up to `grace` to finish.
 pub async fn serve_handed<S, B>(
-    mut inbox: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     svc: S,
     grace: Duration,
 ) where
@@ -295,10 +295,7 @@ pub async fn serve_handed<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let conns = Connections::new(svc, None);
-    while let Some(stream) = inbox.recv().await {
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    while let Some((stream, peer)) = inbox.recv().await {
         match TcpStream::from_std(stream) {
             Ok(stream) => conns.spawn(stream, peer),
             Err(e) => tracing::warn!(%peer, error = %e, "cannot take over a connection"),

@@ -31,7 +31,7 @@ pub(crate) fn shard() -> usize {
     SHARD.with(Cell::get)
 }
 
-type Inbox = mpsc::UnboundedSender<std::net::TcpStream>;
+type Inbox = mpsc::UnboundedSender<(std::net::TcpStream, std::net::SocketAddr)>;
 
 /// Running worker threads.
 pub(crate) struct Workers {
@@ -77,8 +77,8 @@ impl Workers {
         let Self { inboxes, done } = self;
         let mut next = 0;
         accept_until(&listener, shutdown, |stream, peer| {
-            let mut stream = match stream.into_std() {
-                Ok(s) => s,
+            let mut conn = match stream.into_std() {
+                Ok(s) => (s, peer),
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "cannot hand over a connection");
                     return;
@@ -88,9 +88,9 @@ impl Workers {
             for _ in 0..inboxes.len() {
                 let inbox = &inboxes[next % inboxes.len()];
                 next = next.wrapping_add(1);
-                match inbox.send(stream) {
+                match inbox.send(conn) {
                     Ok(()) => return,
-                    Err(back) => stream = back.0,
+                    Err(back) => conn = back.0,
                 }
             }
             tracing::error!(%peer, "no data-plane worker is running; connection dropped");

@@ -159,10 +159,6 @@ impl Connector {
         })
     }
 
-    pub fn is_proxied(&self) -> bool {
-        self.inner.proxy.is_some()
-    }
-
     /// Establish a stream, within the connect timeout.
     pub async fn connect(&self) -> Result<Conn, ConnectError> {
         let inner = &self.inner;
