@@ -105,8 +105,8 @@ async fn no_password_in_any_output_channel() {
         .env("SSL_CERT_FILE", &ca)
         .env("RUST_LOG", "trace")
         .env("LOG_FORMAT", "json")
-        // The single-threaded event loop (the other runtime flavour) serves this run.
-        .env("WORKER_THREADS", "1")
+        // Not the machine's CPU count, so the worker threads below are the setting's.
+        .env("WORKER_THREADS", "3")
         .stdout(Stdio::piped());
     let (sidecar, log_reader) = spawn_capturing_stderr(&mut cmd);
 
@@ -146,6 +146,15 @@ async fn no_password_in_any_output_channel() {
             client.get(&format!("http://127.0.0.1:{admin}{p}")).await.1,
         ));
     }
+    // The requests ran on the data-plane workers `WORKER_THREADS` asked for.
+    let mut threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", sidecar.0.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("pp-worker"))
+        .collect();
+    threads.sort();
+    assert_eq!(threads, ["pp-worker-1", "pp-worker-2", "pp-worker-3"]);
     drop(sidecar);
     outputs.push((
         "sidecar logs (trace, json)".into(),

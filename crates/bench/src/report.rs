@@ -57,7 +57,7 @@ impl Peer {
             Peer::Sidecar(Path3::Squid) => "sidecar-squid",
             Peer::Sidecar(Path3::Dante) => "sidecar-dante",
             Peer::SidecarH2 => "sidecar-h2",
-            Peer::SidecarOneWorker => "sidecar-1t",
+            Peer::SidecarOneWorker => "sidecar-1w",
         }
     }
 
