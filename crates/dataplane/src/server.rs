@@ -31,16 +31,7 @@ pub async fn serve_data(
 }
 
 /// The data port's service: every request to the forwarder.
-pub(crate) fn data_service(
-    forwarder: Arc<Forwarder>,
-) -> impl hyper::service::Service<
-    Request<Incoming>,
-    Response = Response<ResponseBody>,
-    Error = Infallible,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ 'static {
+pub(crate) fn data_service(forwarder: Arc<Forwarder>) -> impl HttpService<ResponseBody> {
     service_fn(move |req: Request<Incoming>| {
         let f = forwarder.clone();
         async move { Ok::<_, Infallible>(f.handle(req).await) }
@@ -252,6 +243,44 @@ async fn admin(req: Request<Incoming>, state: &Admin) -> Response<Full<Bytes>> {
     resp
 }
 
+/// What the accept loops serve: a cloneable hyper service with a sendable future.
+pub trait HttpService<B>:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+}
+
+/// The response body of an [`HttpService`].
+pub trait ResponseBodyOf:
+    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> ResponseBodyOf for B
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+}
+
 /// Serve `svc` on `listener` (TLS first when `tls` is given) until `shutdown` resolves,
 /// then give open connections up to `grace` to finish. The accept loop of every port of
 /// every role, except the data port with dedicated workers (see [`serve_handed`]).
@@ -262,13 +291,8 @@ pub async fn serve<S, B>(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService<B>,
+    B: ResponseBodyOf,
 {
     let conns = Connections::new(svc, tls);
     accept_until(&listener, shutdown, |stream, peer| {
@@ -286,13 +310,8 @@ pub async fn serve_handed<S, B>(
     svc: S,
     grace: Duration,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService<B>,
+    B: ResponseBodyOf,
 {
     let conns = Connections::new(svc, None);
     while let Some((stream, peer)) = inbox.recv().await {
@@ -338,16 +357,7 @@ struct Connections<S> {
     graceful: hyper_util::server::graceful::GracefulShutdown,
 }
 
-impl<S, B> Connections<S>
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<S> Connections<S> {
     fn new(svc: S, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         Self {
             svc,
@@ -357,7 +367,11 @@ where
         }
     }
 
-    fn spawn(&self, stream: TcpStream, peer: SocketAddr) {
+    fn spawn<B>(&self, stream: TcpStream, peer: SocketAddr)
+    where
+        S: HttpService<B>,
+        B: ResponseBodyOf,
+    {
         let (svc, builder, watcher, tls) = (
             self.svc.clone(),
             self.builder.clone(),
