@@ -40,6 +40,8 @@ impl Drop for InFlight {
 
 /// Response header telling the caller which way the request went.
 pub const ROUTE_HEADER: &str = "x-provider-proxy-route";
+/// [`ROUTE_HEADER`] as a name: inserting by `&str` would copy a custom name every time.
+const ROUTE_HEADER_NAME: HeaderName = HeaderName::from_static(ROUTE_HEADER);
 
 /// The sidecar's response body: a short JSON error, or the upstream's stream.
 pub enum ResponseBody {
@@ -222,7 +224,7 @@ impl Forwarder {
                 strip_hop_by_hop(&mut rparts.headers);
                 rparts
                     .headers
-                    .insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
+                    .insert(ROUTE_HEADER_NAME, HeaderValue::from_static(route.as_str()));
                 let status = rparts.status;
                 entry
                     .metrics
@@ -411,7 +413,7 @@ impl Forwarder {
         }
         let mut resp = json_error(status, body);
         resp.headers_mut()
-            .insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
+            .insert(ROUTE_HEADER_NAME, HeaderValue::from_static(route.as_str()));
         resp
     }
 
@@ -523,7 +525,8 @@ pub fn upstream_path(
         s.push('?');
         s.push_str(q);
     }
-    s.parse::<Uri>()
+    // From the string's own buffer, not a copy of it.
+    Uri::from_maybe_shared(Bytes::from(s))
         .map_err(|e| format!("cannot build the upstream URL: {e}"))
 }
 
@@ -545,15 +548,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    // Removing by `&str` looks the name up without building a `HeaderName` (no allocation
+    // for custom names); the usual message has one `Connection` line, cloned by refcount.
+    let mut listed = headers.get_all(header::CONNECTION).iter();
+    match (listed.next().cloned(), listed.next()) {
+        (None, _) => {}
+        (Some(only), None) => remove_listed(headers, &only),
+        (Some(_), Some(_)) => {
+            let all: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for v in &all {
+                remove_listed(headers, v);
+            }
+        }
     }
     for h in [
         header::CONNECTION,
@@ -567,6 +577,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::UPGRADE,
     ] {
         headers.remove(h);
+    }
+}
+
+/// Remove the headers a `Connection` value names (invalid names are ignored).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let Ok(names) = connection.to_str() else {
+        return;
+    };
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        headers.remove(name);
     }
 }
 

@@ -153,11 +153,6 @@ impl ConnSet {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, ConnLease), SendError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let shard = self.current_shard();
         for _ in 0..SEND_ATTEMPTS {
             match self.checkout(shard).await.map_err(SendError::Connect)? {
@@ -165,11 +160,14 @@ impl ConnSet {
                     if !sender.is_ready() && sender.ready().await.is_err() {
                         continue; // closed before use: nothing sent
                     }
-                    *req.uri_mut() = if self.target.absolute_form {
-                        self.absolute(&path)
-                    } else {
-                        Uri::from(path.clone())
-                    };
+                    // The forwarder's origin-form URI goes out as it is (no copy); only
+                    // absolute form, or a request handed back by an h2 connection, needs
+                    // a new one.
+                    if self.target.absolute_form {
+                        *req.uri_mut() = self.absolute(req.uri());
+                    } else if req.uri().scheme().is_some() {
+                        *req.uri_mut() = Uri::from(origin_form(req.uri()));
+                    }
                     req.headers_mut()
                         .insert(header::HOST, self.target.host.clone());
                     match sender.try_send_request(req).await {
@@ -186,7 +184,7 @@ impl ConnSet {
                     }
                 }
                 Sender::H2(mut sender) => {
-                    *req.uri_mut() = self.absolute(&path);
+                    *req.uri_mut() = self.absolute(req.uri());
                     req.headers_mut().remove(header::HOST);
                     match sender.try_send_request(req).await {
                         Ok(resp) => return Ok((resp, ConnLease { h1: None })),
@@ -206,13 +204,15 @@ impl ConnSet {
         )))
     }
 
-    fn absolute(&self, path: &PathAndQuery) -> Uri {
+    /// `uri`'s path and query on the upstream's scheme and authority.
+    fn absolute(&self, uri: &Uri) -> Uri {
+        let path = origin_form(uri);
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.target.scheme.clone());
         parts.authority = Some(self.target.authority.clone());
         parts.path_and_query = Some(path.clone());
         // Scheme, authority and path were each valid on their own.
-        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(path.clone()))
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from(path))
     }
 
     /// A usable connection: idle or shared if there is one, else the next one that frees
@@ -390,6 +390,12 @@ impl ConnSet {
             st.h2 = None;
         }
     }
+}
+
+fn origin_form(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 /// Run a connection's I/O until it closes.
