@@ -26,47 +26,63 @@ use crate::pool::BoxError;
 /// The shared slot a request body waits in until an attempt takes it.
 #[derive(Clone)]
 pub struct BodySlot {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    sent: Arc<AtomicU64>,
+    shared: Arc<Slot>,
+}
+
+/// One allocation per request for both.
+struct Slot {
+    body: Mutex<Option<Incoming>>,
+    sent: AtomicU64,
+}
+
+impl Slot {
+    fn take(&self) -> Option<Incoming> {
+        self.body.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 impl BodySlot {
     pub fn new(body: Incoming) -> Self {
         Self {
-            slot: Arc::new(Mutex::new(Some(body))),
-            sent: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(Slot {
+                body: Mutex::new(Some(body)),
+                sent: AtomicU64::new(0),
+            }),
         }
     }
 
     /// A body for one attempt. It takes the request body on first poll.
     pub fn attempt(&self) -> OnceBody {
-        let (hint, end) = match self.slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let body = self.shared.body.lock().unwrap_or_else(|p| p.into_inner());
+        let (hint, end) = match body.as_ref() {
             Some(b) => (b.size_hint(), b.is_end_stream()),
             None => (SizeHint::with_exact(0), true),
         };
+        drop(body);
         OnceBody {
-            state: State::Waiting(self.slot.clone()),
+            state: State::Waiting,
             hint,
             end,
-            sent: self.sent.clone(),
+            shared: self.shared.clone(),
         }
     }
 
     /// Whether no attempt has polled the body yet: only then may another attempt be made.
     pub fn untouched(&self) -> bool {
-        self.slot
+        self.shared
+            .body
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
     }
 
     pub fn bytes_sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.shared.sent.load(Ordering::Relaxed)
     }
 }
 
 enum State {
-    Waiting(Arc<Mutex<Option<Incoming>>>),
+    Waiting,
     Taken(Incoming),
     Gone,
 }
@@ -75,7 +91,7 @@ pub struct OnceBody {
     state: State,
     hint: SizeHint,
     end: bool,
-    sent: Arc<AtomicU64>,
+    shared: Arc<Slot>,
 }
 
 impl Body for OnceBody {
@@ -87,9 +103,8 @@ impl Body for OnceBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let State::Waiting(slot) = &this.state {
-            let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-            this.state = match taken {
+        if let State::Waiting = this.state {
+            this.state = match this.shared.take() {
                 Some(b) => State::Taken(b),
                 None => State::Gone,
             };
@@ -98,7 +113,9 @@ impl Body for OnceBody {
             State::Taken(b) => match ready!(Pin::new(b).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     if let Some(d) = frame.data_ref() {
-                        this.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        this.shared
+                            .sent
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
@@ -108,7 +125,7 @@ impl Body for OnceBody {
             State::Gone => Poll::Ready(Some(Err(
                 "request body already consumed by an earlier attempt".into(),
             ))),
-            State::Waiting(_) => Poll::Ready(None),
+            State::Waiting => Poll::Ready(None),
         }
     }
 
