@@ -156,8 +156,9 @@ pub struct PoolArgs {
         value_name = "SECONDS"
     )]
     pub pool_max_lifetime: u64,
-    /// Most connects one agent runs at once; more requests wait for one of them or for a
-    /// busy connection to free up, so a slow proxy handshake never becomes a storm.
+    /// Most connects one agent runs at once on each worker; more requests wait for one of
+    /// them or for a busy connection to free up, so a slow proxy handshake never becomes a
+    /// storm.
     #[arg(long, env = "POOL_MAX_CONNECTING", default_value_t = 32)]
     pub pool_max_connecting: usize,
 }

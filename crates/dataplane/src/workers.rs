@@ -5,8 +5,8 @@
 //! requests and the upstream connections they use then stay on one worker: the pool keeps
 //! a shard of connections per worker ([`shard`]), so forwarding a request never wakes
 //! another thread. On one work-stealing runtime the client side and the upstream side of a
-//! request ran on different threads much of the time, and the cross-thread wake-ups cost
-//! more CPU per request than everything the sidecar itself does (see the benchmark).
+//! request ran on different threads much of the time, and the cross-thread wake-ups made
+//! a JSON request cost 42 µs of CPU instead of 30 (benchmark A/B, README).
 //!
 //! Everything else (admin port, config source, probes, pool sweeper) runs on the caller's
 //! runtime, so a metrics scrape or a config push never queues behind requests.

@@ -50,8 +50,9 @@ pub struct PoolSettings {
     pub sweep_interval: Duration,
     /// After this an agent takes no new requests (fresh DNS, fresh TLS, bounded drift).
     pub max_lifetime: Duration,
-    /// Most connects one agent runs at once; further requests wait for one of them or
-    /// for a connection to free up (a slow proxy handshake never becomes a storm).
+    /// Most connects one agent runs at once on one worker; further requests wait for one
+    /// of them or for a connection to free up (a slow proxy handshake never becomes a
+    /// storm).
     pub max_connecting: usize,
 }
 
