@@ -212,8 +212,8 @@ async fn sse_streams_through_unbuffered() {
 
 /// With worker threads (the binary's default), client connections are dealt round-robin
 /// and each worker keeps its own upstream connections, so a request never uses one that
-/// another thread drives. At shutdown the port stops taking connections at once, and every
-/// worker lets its open streams finish.
+/// another thread drives; a gauge shows each worker's open connections. At shutdown the
+/// port stops taking connections at once, and every worker lets its open streams finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_keep_their_own_upstream_connections_and_drain_at_shutdown() {
     let pki = pki();
@@ -253,6 +253,23 @@ async fn workers_keep_their_own_upstream_connections_and_drain_at_shutdown() {
             let rest = body.collect().await.expect("stream intact").to_bytes();
             [first, rest].concat()
         }));
+    }
+    // The metric shows the balance: two open connections on each worker (the six before
+    // have closed).
+    let want = [
+        "provider_proxy_worker_connections{worker=\"1\"} 2",
+        "provider_proxy_worker_connections{worker=\"2\"} 2",
+    ];
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = sc.metrics().await;
+        if want.iter().all(|w| metrics.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for w in want {
+        assert!(metrics.contains(w), "{w} in:\n{metrics}");
     }
     let running = sc.running.take().unwrap();
     let started = Instant::now();

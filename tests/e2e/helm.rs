@@ -1471,7 +1471,11 @@ async fn scrape_sidecar() -> String {
             "  fallbackToDirect: true\n",
         )
         + &provider("nofb", &base, Some(&via(&refuses)), "");
-    let sc = TestSidecar::with_config(&pki, &yaml).await;
+    // With workers, as the binary runs by default (their connection gauge is exported).
+    let sc =
+        TestSidecar::start_with_workers(&pki, provider_proxy_dataplane::PoolSettings::default(), 2)
+            .await;
+    sc.apply(&yaml, 1);
     sc.post("/tunnel/v1/messages", "{}")
         .await
         .assert_ok("proxy");

@@ -14,29 +14,13 @@ use provider_proxy_api::{Provider, ProxyScheme, Snapshot, UpstreamUrl};
 use crate::body::{BodySlot, ObservedBody, Outcome};
 use crate::config::ConfigStore;
 use crate::error::{ConnectError, ErrorClass};
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::pool::{AgentLease, AgentPool, ConnLease, Path, SendError};
 pub use crate::route::Route;
 use crate::route::{PROTOCOLS, ProviderRoute};
 
 /// Index of `none` in [`PROTOCOLS`]: answered by the sidecar, no upstream protocol.
 const NO_PROTOCOL: usize = 2;
-
-/// Counts a request in flight from its start until it is over, however it ends.
-struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    fn new(gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
 
 /// Response header telling the caller which way the request went.
 pub const ROUTE_HEADER: &str = "x-provider-proxy-route";
@@ -136,7 +120,7 @@ impl Forwarder {
         let slot = BodySlot::new(body);
         // A guard, not inc/dec: hyper drops this future when the client hangs up before the
         // response headers, and the gauge must come down then too (found by the soak).
-        let in_flight = InFlight::new(entry.metrics.in_flight(&self.metrics).clone());
+        let in_flight = GaugeGuard::new(entry.metrics.in_flight(&self.metrics).clone());
 
         let mut route = if provider.proxy.is_some() {
             Route::Proxy

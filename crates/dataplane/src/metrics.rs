@@ -21,6 +21,23 @@ const LATENCY_BUCKETS: &[f64] = &[
     120.0, 300.0, 600.0,
 ];
 
+/// Holds a gauge one higher from creation until it is dropped, however the thing it counts
+/// ends (a future dropped mid-way included).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -32,6 +49,7 @@ pub struct Metrics {
     pub response_bytes: IntCounterVec,
     pub request_bytes: IntCounterVec,
     pub in_flight: IntGaugeVec,
+    pub worker_connections: IntGaugeVec,
     pub connect_stage: HistogramVec,
     pub connections: IntCounterVec,
     pub config_version: IntGauge,
@@ -113,6 +131,17 @@ impl Metrics {
                         "Requests in progress, streams included.",
                     ),
                     &["provider"],
+                ));
+                must(registry.register(Box::new(g.clone())));
+                g
+            },
+            worker_connections: {
+                let g = must(IntGaugeVec::new(
+                    Opts::new(
+                        "provider_proxy_worker_connections",
+                        "Client connections open on each data-plane worker (dealt round-robin).",
+                    ),
+                    &["worker"],
                 ));
                 must(registry.register(Box::new(g.clone())));
                 g

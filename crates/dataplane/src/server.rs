@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{ConfigStore, describe};
 use crate::forward::{Forwarder, ResponseBody};
+use crate::metrics::GaugeGuard;
 
 /// Serve `forwarder` on `listener` until `shutdown` resolves, then let open connections
 /// finish for up to `grace`.
@@ -305,15 +306,18 @@ pub async fn serve<S, B>(
 
 /// Serve `svc` on the connections an acceptor hands over (see `workers`) until it stops
 /// handing, then give open connections up to `grace` to finish.
+/// `open` counts the connections open.
 pub async fn serve_handed<S, B>(
     mut inbox: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     svc: S,
     grace: Duration,
+    open: prometheus::IntGauge,
 ) where
     S: HttpService<B>,
     B: ResponseBodyOf,
 {
-    let conns = Connections::new(svc, None);
+    let mut conns = Connections::new(svc, None);
+    conns.open = Some(open);
     while let Some((stream, peer)) = inbox.recv().await {
         match TcpStream::from_std(stream) {
             Ok(stream) => conns.spawn(stream, peer),
@@ -355,6 +359,8 @@ struct Connections<S> {
     tls: Option<tokio_rustls::TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
     graceful: hyper_util::server::graceful::GracefulShutdown,
+    /// Counts the connections open, if set.
+    open: Option<prometheus::IntGauge>,
 }
 
 impl<S> Connections<S> {
@@ -364,6 +370,7 @@ impl<S> Connections<S> {
             tls,
             builder: auto::Builder::new(TokioExecutor::new()),
             graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+            open: None,
         }
     }
 
@@ -378,7 +385,9 @@ impl<S> Connections<S> {
             self.graceful.watcher(),
             self.tls.clone(),
         );
+        let open = self.open.clone().map(GaugeGuard::new);
         tokio::spawn(async move {
+            let _open = open;
             let result = match tls {
                 None => {
                     let conn = builder

@@ -95,7 +95,12 @@ impl Sidecar {
                 self.settings.grace,
             ))
         } else {
-            let workers = Workers::start(self.settings.workers, &forwarder, self.settings.grace)?;
+            let workers = Workers::start(
+                self.settings.workers,
+                &forwarder,
+                &self.metrics,
+                self.settings.grace,
+            )?;
             tokio::spawn(workers.serve(data, wait_for(stopped.clone())))
         };
         let admin_state = Admin {

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::forward::Forwarder;
+use crate::metrics::Metrics;
 use crate::server::{accept_until, data_service, serve_handed};
 
 thread_local! {
@@ -42,7 +43,12 @@ pub(crate) struct Workers {
 impl Workers {
     /// Start `n` workers serving `forwarder`; at shutdown each gives its connections up to
     /// `grace` to finish.
-    pub fn start(n: usize, forwarder: &Arc<Forwarder>, grace: Duration) -> Result<Self, String> {
+    pub fn start(
+        n: usize,
+        forwarder: &Arc<Forwarder>,
+        metrics: &Metrics,
+        grace: Duration,
+    ) -> Result<Self, String> {
         let mut workers = Self {
             inboxes: Vec::with_capacity(n),
             done: Vec::with_capacity(n),
@@ -51,6 +57,11 @@ impl Workers {
             let (inbox, handed) = mpsc::unbounded_channel();
             let (finished, done) = oneshot::channel();
             let forwarder = forwarder.clone();
+            // Set now, so every worker's series exists from the start.
+            let open = metrics
+                .worker_connections
+                .with_label_values(&[&index.to_string()]);
+            open.set(0);
             std::thread::Builder::new()
                 .name(format!("pp-worker-{index}"))
                 .spawn(move || {
@@ -59,7 +70,7 @@ impl Workers {
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(serve_handed(handed, data_service(forwarder), grace)),
+                        Ok(rt) => rt.block_on(serve_handed(handed, data_service(forwarder), grace, open)),
                         Err(e) => tracing::error!(worker = index, error = %e, "cannot start a worker's runtime"),
                     }
                     let _ = finished.send(());
