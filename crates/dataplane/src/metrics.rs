@@ -75,6 +75,11 @@ impl Metrics {
             must(registry.register(Box::new(c.clone())));
             c
         };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             let h = must(HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
@@ -124,28 +129,16 @@ impl Metrics {
                 "Request body bytes relayed to upstreams.",
                 &["provider"],
             ),
-            in_flight: {
-                let g = must(IntGaugeVec::new(
-                    Opts::new(
-                        "provider_proxy_in_flight_requests",
-                        "Requests in progress, streams included.",
-                    ),
-                    &["provider"],
-                ));
-                must(registry.register(Box::new(g.clone())));
-                g
-            },
-            worker_connections: {
-                let g = must(IntGaugeVec::new(
-                    Opts::new(
-                        "provider_proxy_worker_connections",
-                        "Client connections open on each data-plane worker (dealt round-robin).",
-                    ),
-                    &["worker"],
-                ));
-                must(registry.register(Box::new(g.clone())));
-                g
-            },
+            in_flight: gauge(
+                "provider_proxy_in_flight_requests",
+                "Requests in progress, streams included.",
+                &["provider"],
+            ),
+            worker_connections: gauge(
+                "provider_proxy_worker_connections",
+                "Client connections open on each data-plane worker (dealt round-robin).",
+                &["worker"],
+            ),
             connect_stage: histogram(
                 "provider_proxy_connect_stage_duration_seconds",
                 "Connection setup time by stage (tcp, proxy_handshake, tls) and path (proxy|direct).",
@@ -188,17 +181,11 @@ impl Metrics {
                 must(registry.register(Box::new(c.clone())));
                 c
             },
-            providers: {
-                let g = must(IntGaugeVec::new(
-                    Opts::new(
-                        "provider_proxy_providers",
-                        "Configured providers by state (valid|invalid).",
-                    ),
-                    &["state"],
-                ));
-                must(registry.register(Box::new(g.clone())));
-                g
-            },
+            providers: gauge(
+                "provider_proxy_providers",
+                "Configured providers by state (valid|invalid).",
+                &["state"],
+            ),
             registry,
         };
         Arc::new(m)
