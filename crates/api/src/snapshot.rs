@@ -52,6 +52,12 @@ pub struct UpstreamUrl {
     pub base_path: String,
 }
 
+/// RFC 3986 `pchar`, `/` and `%` (percent-encoding is checked no further: the upstream
+/// judges it).
+fn is_uri_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c)
+}
+
 impl UpstreamUrl {
     /// The error is a phrase to follow the URL in a message.
     pub fn parse(input: &str) -> Result<Self, String> {
@@ -71,6 +77,14 @@ impl UpstreamUrl {
         }
         if path.contains(['?', '#']) {
             return Err("has a query or fragment; give only the base URL".into());
+        }
+        // Every request's URI starts with this path: a space, a control character or a
+        // non-ASCII one would make each of them fail (and a trailing newline would not
+        // survive the trip to the sidecars; found by fuzzing the snapshot wire format).
+        if let Some(c) = path.chars().find(|c| !is_uri_path_char(*c)) {
+            return Err(format!(
+                "has {c:?} in its path; percent-encode it (e.g. %20 for a space)"
+            ));
         }
         if authority.is_empty() {
             return Err("has no host".into());

@@ -316,6 +316,28 @@ fn upstream_urls() {
     ] {
         assert!(UpstreamUrl::parse(bad).is_err(), "{bad} should fail");
     }
+    // Found by fuzzing: a newline inside the path used to be accepted, and one before a
+    // final '/' came back trimmed from the wire, so the sidecar ran another URL.
+    for (bad, shown) in [
+        ("https://api.example/v1\n/", "'\\n'"),
+        ("https://api.example/v 1", "' '"),
+        ("https://api.example/v\t1", "'\\t'"),
+        ("https://api.example/ü", "'ü'"),
+        ("https://api.example/a<b", "'<'"),
+    ] {
+        let err = UpstreamUrl::parse(bad).unwrap_err();
+        assert!(
+            err.contains(shown) && err.contains("percent-encode"),
+            "{bad}: {err}"
+        );
+    }
+    for good in [
+        "https://api.example/v1beta/models:generate",
+        "https://api.example/openai/deployments/gpt-4o~1/",
+        "https://api.example/a%20b/c@d!$&'()*+,;=",
+    ] {
+        assert!(UpstreamUrl::parse(good).is_ok(), "{good} should parse");
+    }
 }
 
 #[test]
