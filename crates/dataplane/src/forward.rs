@@ -658,5 +658,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-api-key"], "sk-test");
+
+        // Names in any case, over several `Connection` lines, junk ignored.
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-One , ,bad name"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive,x-TWO"),
+        );
+        for n in ["x-one", "x-two", "keep-alive", "x-kept"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 }
