@@ -235,11 +235,7 @@ async fn controller_reports_status_probes_and_reacts_to_secrets() {
     cluster.apply(&good);
     let pp = cluster.wait_ready_reason("ai", "anthropic", "Ready").await;
     // Ready once its watches listed and every provider reconciled (the chart probes this).
-    let admin = controller.admin_addr;
-    wait_until(Duration::from_secs(5), "controller /readyz", || async move {
-        raw_get(&format!("http://{admin}/readyz"), None).await.0 == StatusCode::OK
-    })
-    .await;
+    wait_ready(&controller).await;
     let status = &pp["status"];
     assert_eq!(status["observedGeneration"], pp["metadata"]["generation"]);
     assert_eq!(status["lastProbe"]["success"], true, "{status:#}");
@@ -477,6 +473,15 @@ async fn start_pod_sidecar(
     client.load_cache();
     let task = tokio::spawn(client.run());
     PodSidecar { sc, task, cache }
+}
+
+/// Until the controller's `/readyz` answers 200, at most 5 s.
+async fn wait_ready(controller: &RunningController) {
+    let admin = controller.admin_addr;
+    wait_until(Duration::from_secs(5), "controller /readyz", || async move {
+        raw_get(&format!("http://{admin}/readyz"), None).await.0 == StatusCode::OK
+    })
+    .await;
 }
 
 pub(crate) async fn wait_until<F: std::future::Future<Output = bool>>(
@@ -779,6 +784,38 @@ async fn propagation_from_kubectl_apply_to_first_request() {
 
 /// Two replicas: one leader writes status, both serve snapshots (here over TLS); when the
 /// leader goes, the other takes over within the lease duration and catches up.
+/// The leader `a` goes: `b` must take the Lease over (the one the chart's Role names) and
+/// reconcile a ProviderProxy applied after. Returns the Lease as the API server has it.
+async fn fail_over(
+    cluster: &Cluster,
+    a: RunningController,
+    b: &RunningController,
+    upstream: &Upstream,
+) -> serde_json::Value {
+    a.shutdown().await;
+    wait_until(Duration::from_secs(8), "replica b to take over", || async {
+        b.metrics.leader.get() == 1
+    })
+    .await;
+    cluster.apply(&cluster.write(
+        "second.yaml",
+        &provider("second", &upstream.base_url(), None, ""),
+    ));
+    cluster.wait_ready_reason("ai", "second", "Ready").await;
+    let lease = cluster
+        .api
+        .get_json(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            Some(NAMESPACE),
+            DEFAULT_LEASE,
+        )
+        .expect("the Lease the chart's Role names");
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    lease
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_election_failover_and_tls_snapshots() {
     let pki = pki();
@@ -832,27 +869,7 @@ async fn leader_election_failover_and_tls_snapshots() {
     .await;
 
     // The leader goes; b takes over and reconciles what changed meanwhile.
-    a.shutdown().await;
-    wait_until(Duration::from_secs(8), "replica b to take over", || {
-        leader(&b)
-    })
-    .await;
-    cluster.apply(&cluster.write(
-        "second.yaml",
-        &provider("second", &upstream.base_url(), None, ""),
-    ));
-    cluster.wait_ready_reason("ai", "second", "Ready").await;
-    let lease = cluster
-        .api
-        .get_json(
-            "coordination.k8s.io",
-            "v1",
-            "leases",
-            Some("provider-proxy"),
-            "provider-proxy-controller",
-        )
-        .unwrap();
-    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    let lease = fail_over(&cluster, a, &b, &upstream).await;
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     pod.task.abort();
     b.shutdown().await;
@@ -1014,11 +1031,7 @@ async fn the_controller_makes_exactly_the_api_calls_its_rbac_grants() {
     );
     cluster.apply(&good);
     cluster.wait_ready_reason("ai", "anthropic", "Ready").await;
-    let admin = a.admin_addr;
-    wait_until(Duration::from_secs(5), "controller /readyz", || async move {
-        raw_get(&format!("http://{admin}/readyz"), None).await.0 == StatusCode::OK
-    })
-    .await;
+    wait_ready(&a).await;
 
     // A sidecar's push: the controller reviews its token (and a forged one).
     let url = format!("http://{}", a.snapshot_addr);
@@ -1085,27 +1098,7 @@ async fn the_controller_makes_exactly_the_api_calls_its_rbac_grants() {
     .await;
 
     // Failover: a goes, b takes the Lease over and writes status from then on.
-    a.shutdown().await;
-    wait_until(Duration::from_secs(8), "replica b to take over", || async {
-        b.metrics.leader.get() == 1
-    })
-    .await;
-    cluster.apply(&cluster.write(
-        "second.yaml",
-        &provider("second", &upstream.base_url(), None, ""),
-    ));
-    cluster.wait_ready_reason("ai", "second", "Ready").await;
-    let held = cluster
-        .api
-        .get_json(
-            "coordination.k8s.io",
-            "v1",
-            "leases",
-            Some(NAMESPACE),
-            DEFAULT_LEASE,
-        )
-        .expect("the Lease the chart's Role names");
-    assert_eq!(held["spec"]["holderIdentity"], "replica-b");
+    fail_over(&cluster, a, &b, &upstream).await;
     pod.task.abort();
     b.shutdown().await;
 
