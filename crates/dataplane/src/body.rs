@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ErrorClass;
-use crate::pool::BoxError;
+use crate::pool::{BoxError, UpstreamBody};
 
 /// The shared slot a request body waits in until an attempt takes it.
 #[derive(Clone)]
@@ -161,7 +161,7 @@ pub type OnFinish = Box<dyn FnOnce(Outcome, u64) + Send>;
 pub struct StreamError(pub String);
 
 pub struct ObservedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     body_timeout: Duration,
     /// Fires at most `body_timeout` after `last_chunk`. Re-armed only when it fires early,
     /// not on every chunk: a streaming answer sends thousands of small chunks.
@@ -172,7 +172,7 @@ pub struct ObservedBody {
 }
 
 impl ObservedBody {
-    pub fn new(inner: Incoming, body_timeout: Duration, on_finish: OnFinish) -> Self {
+    pub fn new(inner: UpstreamBody, body_timeout: Duration, on_finish: OnFinish) -> Self {
         Self {
             inner,
             body_timeout,

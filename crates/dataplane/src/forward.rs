@@ -15,7 +15,7 @@ use crate::body::{BodySlot, ObservedBody, Outcome};
 use crate::config::ConfigStore;
 use crate::error::{ConnectError, ErrorClass};
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::pool::{AgentLease, AgentPool, ConnLease, Path, SendError};
+use crate::pool::{AgentLease, AgentPool, Path, SendError, UpstreamBody};
 pub use crate::route::Route;
 use crate::route::{PROTOCOLS, ProviderRoute};
 
@@ -70,7 +70,7 @@ pub struct Forwarder {
 
 /// What one attempt produced.
 enum Attempt {
-    Ok(Response<Incoming>, AgentLease, ConnLease),
+    Ok(Response<UpstreamBody>, AgentLease),
     /// Failed before the request went out: another path may be tried.
     NotSent(ConnectError),
     /// Failed after (part of) the request went out, or timed out waiting for headers.
@@ -202,7 +202,7 @@ impl Forwarder {
         };
 
         match attempt {
-            Attempt::Ok(resp, lease, conn) => {
+            Attempt::Ok(resp, lease) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 let protocol = usize::from(rparts.version == Version::HTTP_2);
                 strip_hop_by_hop(&mut rparts.headers);
@@ -221,8 +221,6 @@ impl Forwarder {
                 let sent = slot.clone();
                 let entry2 = entry.clone();
                 let on_finish = Box::new(move |outcome: Outcome, bytes: u64| {
-                    // First of all, so the next request finds the connection idle.
-                    drop(conn);
                     let class = match outcome {
                         Outcome::Failed(c) => Some(c),
                         _ => None,
@@ -344,7 +342,7 @@ impl Forwarder {
         }
         let fut = lease.agent().send(req);
         match tokio::time::timeout(provider.timeouts.headers, fut).await {
-            Ok(Ok((resp, conn))) => Attempt::Ok(resp, lease, conn),
+            Ok(Ok(resp)) => Attempt::Ok(resp, lease),
             Ok(Err(SendError::Connect(e))) => {
                 if e.class.marks_unhealthy() {
                     self.pool.mark_unhealthy(lease.agent());

@@ -95,7 +95,7 @@ async fn run(pool: &AgentPool, provider: &Provider, path: Path) -> Result<u16, C
     }
     let budget = provider.timeouts.connect + provider.timeouts.headers.min(Duration::from_secs(30));
     match tokio::time::timeout(budget, lease.agent().send(req)).await {
-        Ok(Ok((resp, _conn))) => Ok(resp.status().as_u16()),
+        Ok(Ok(resp)) => Ok(resp.status().as_u16()),
         Ok(Err(SendError::Connect(e))) => Err(e),
         Ok(Err(SendError::Http(e))) => Err(ConnectError::new(
             ErrorClass::UpstreamReset,

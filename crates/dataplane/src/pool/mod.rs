@@ -24,14 +24,13 @@ use http::header::HeaderValue;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
 use provider_proxy_api::{Provider, ProxyScheme};
 
 use crate::connector::{ConnectObserver, Connector, ProxyHop};
 use crate::error::{ConnectError, ErrorClass};
 use crate::tls::TrustRoots;
-pub use conns::{ConnLease, SendError};
 use conns::{ConnSet, ConnSettings, Target};
+pub use conns::{SendError, UpstreamBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every upstream request is sent with.
@@ -165,12 +164,12 @@ impl Agent {
     pub fn key(&self) -> &PoolKey {
         &self.key
     }
-    /// Send `req` (origin-form URI) on one of this agent's connections. The lease keeps
-    /// an HTTP/1.1 connection until the response body is done with.
+    /// Send `req` (origin-form URI) on one of this agent's connections. The response body
+    /// holds an HTTP/1.1 connection until it is done with.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, ConnLease), SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         self.conns.send(req).await
     }
     pub fn is_healthy(&self) -> bool {
