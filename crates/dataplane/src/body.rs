@@ -164,8 +164,9 @@ pub struct ObservedBody {
     inner: UpstreamBody,
     body_timeout: Duration,
     /// Fires at most `body_timeout` after `last_chunk`. Re-armed only when it fires early,
-    /// not on every chunk: a streaming answer sends thousands of small chunks.
-    silence: Pin<Box<Sleep>>,
+    /// not on every chunk: a streaming answer sends thousands of small chunks. Made on the
+    /// first wait only: a short answer usually arrives with its headers and never waits.
+    silence: Option<Pin<Box<Sleep>>>,
     last_chunk: Instant,
     bytes: u64,
     on_finish: Option<OnFinish>,
@@ -176,7 +177,7 @@ impl ObservedBody {
         Self {
             inner,
             body_timeout,
-            silence: Box::pin(tokio::time::sleep(body_timeout)),
+            silence: None,
             last_chunk: Instant::now(),
             bytes: 0,
             on_finish: Some(on_finish),
@@ -228,13 +229,18 @@ impl Body for ObservedBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                let silence = this.silence.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(
+                        this.last_chunk + this.body_timeout,
+                    ))
+                });
                 loop {
-                    ready!(this.silence.as_mut().poll(cx));
+                    ready!(silence.as_mut().poll(cx));
                     let deadline = this.last_chunk + this.body_timeout;
                     if deadline <= Instant::now() {
                         break;
                     }
-                    this.silence.as_mut().reset(deadline);
+                    silence.as_mut().reset(deadline);
                 }
                 this.finish(Outcome::Failed(ErrorClass::BodyTimeout));
                 Poll::Ready(Some(Err(Box::new(StreamError(format!(

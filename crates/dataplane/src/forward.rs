@@ -104,7 +104,9 @@ impl Forwarder {
         drop(routes);
         let provider = entry.provider.clone();
         let method = req.method().clone();
-        let log_path = rest.to_owned();
+        // The log line's path is read back from the URI when it is written (a reference
+        // count, not a copy of the path, per request).
+        let log_uri = req.uri().clone();
         let target = match upstream_path(&provider.upstream, rest, req.uri().query()) {
             Ok(u) => u,
             Err(m) => {
@@ -188,7 +190,7 @@ impl Forwarder {
             log_line(
                 &provider,
                 &method,
-                &log_path,
+                split_provider(log_uri.path()).1,
                 status,
                 route,
                 fallback_cause,
@@ -248,7 +250,7 @@ impl Forwarder {
                     log_line(
                         provider,
                         &method,
-                        &log_path,
+                        split_provider(log_uri.path()).1,
                         status,
                         route,
                         fallback_cause,
