@@ -177,6 +177,38 @@ pub fn group_cpu_ticks(pgid: u32) -> u64 {
         .sum()
 }
 
+/// Nanoseconds the threads of group `pgid` have spent runnable but waiting for a CPU
+/// (`/proc/PID/task/TID/schedstat`, second field), summed over the live threads.
+pub fn group_cpu_wait_ns(pgid: u32) -> u64 {
+    group_members(pgid)
+        .into_iter()
+        .flat_map(|pid| {
+            fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .filter_map(|task| {
+            let s = fs::read_to_string(task.join("schedstat")).ok()?;
+            s.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// (busy, total) clock ticks of all CPUs so far, from the `cpu` line of `/proc/stat`;
+/// idle and iowait are not busy.
+pub fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4)?;
+    Some((total - idle, total))
+}
+
 /// CPU ticks used so far by this process.
 pub fn self_cpu_ticks() -> u64 {
     stat_of(Path::new("/proc/self/stat")).map_or(0, |(_, t)| t)

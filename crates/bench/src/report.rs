@@ -126,6 +126,10 @@ pub struct Cell {
     pub fwd_rss_kib: Option<u64>,
     /// Sidecar only: upstream connections it opened during the cell (its own metric).
     pub upstream_conns: Option<u64>,
+    /// Seconds the forwarder's threads were runnable but waiting for a CPU in the window.
+    pub fwd_cpu_wait: Option<f64>,
+    /// Share of all CPUs busy in the window (0..1).
+    pub machine_busy: Option<f64>,
 }
 
 impl Cell {
@@ -160,6 +164,8 @@ pub struct RowStats {
     pub ok: u64,
     /// Most upstream connections a sidecar cell opened.
     pub conns: Option<u64>,
+    pub fwd_wait_us: Option<f64>,
+    pub busy_pct: Option<f64>,
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -254,6 +260,12 @@ impl ScenarioResult {
             errors: cells.iter().map(|c| c.load.errors).sum(),
             ok,
             conns: cells.iter().filter_map(|c| c.upstream_conns).max(),
+            fwd_wait_us: per_req(&|c| c.fwd_cpu_wait),
+            busy_pct: cells
+                .iter()
+                .map(|c| c.machine_busy)
+                .collect::<Option<Vec<f64>>>()
+                .map(|v| median(&v) * 100.0),
         })
     }
 
@@ -289,6 +301,8 @@ impl ScenarioResult {
             "proxy CPU µs/req",
             "upstream CPU %",
             "upstream conns",
+            "fwd CPU wait µs/req",
+            "machine busy %",
             "errors",
         ]);
         let stats = self.all_stats();
@@ -312,6 +326,8 @@ impl ScenarioResult {
             r.push(opt(s.proxy_us, |v| format!("{v:.1}")));
             r.push(format!("{:.0}", s.up_pct));
             r.push(s.conns.map_or_else(|| "–".to_owned(), |c| c.to_string()));
+            r.push(opt(s.fwd_wait_us, |v| format!("{v:.1}")));
+            r.push(opt(s.busy_pct, |v| format!("{v:.0}")));
             r.push(s.errors.to_string());
             rows.push(r);
         }

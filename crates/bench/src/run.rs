@@ -342,6 +342,8 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
                 gen_cpu: 0.0,
                 fwd_rss_kib: None,
                 upstream_conns: None,
+                fwd_cpu_wait: None,
+                machine_busy: None,
             };
         }
     };
@@ -353,11 +355,17 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     let begin = Instant::now();
     let start = begin + Duration::from_secs_f64(cfg.warmup);
     let end = start + Duration::from_secs_f64(cfg.seconds);
+    let contention = move || {
+        (
+            fwd.map(|g| procs::group_cpu_wait_ns(g.pgid)),
+            procs::machine_cpu_ticks(),
+        )
+    };
     let sampler = tokio::spawn(async move {
         tokio::time::sleep_until(start).await;
-        let a = (cpu_now(fwd, proxy, up), Instant::now());
+        let a = (cpu_now(fwd, proxy, up), Instant::now(), contention());
         tokio::time::sleep_until(end).await;
-        let b = (cpu_now(fwd, proxy, up), Instant::now());
+        let b = (cpu_now(fwd, proxy, up), Instant::now(), contention());
         (a, b)
     });
     // Connections open spread over the first half of the warm-up, as clients would.
@@ -370,16 +378,21 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     } else {
         None
     };
-    let (window, d) = match window_and_cpu {
-        Some(((a, ta), (z, tz))) => {
+    let (window, d, fwd_cpu_wait, machine_busy) = match window_and_cpu {
+        Some(((a, ta, (wa, ma)), (z, tz, (wz, mz)))) => {
             let d: Vec<Option<f64>> = a
                 .iter()
                 .zip(z.iter())
                 .map(|(a, z)| Some(z.as_ref()?.saturating_sub(*a.as_ref()?) as f64 / ticks))
                 .collect();
-            ((tz - ta).as_secs_f64(), d)
+            let wait = wa.zip(wz).map(|(a, z)| z.saturating_sub(a) as f64 / 1e9);
+            let busy = ma.zip(mz).and_then(|((ba, ta), (bz, tz))| {
+                let total = tz.saturating_sub(ta);
+                (total > 0).then(|| bz.saturating_sub(ba) as f64 / total as f64)
+            });
+            ((tz - ta).as_secs_f64(), d, wait, busy)
         }
-        None => (cfg.seconds, vec![None; 4]),
+        None => (cfg.seconds, vec![None; 4], None, None),
     };
     Cell {
         load,
@@ -390,6 +403,8 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
         gen_cpu: d[3].unwrap_or(0.0),
         fwd_rss_kib,
         upstream_conns,
+        fwd_cpu_wait,
+        machine_busy,
     }
 }
 
@@ -491,8 +506,10 @@ fn render(cfg: &Config, results: &[ScenarioResult]) -> String {
          vs straight through that proxy); latencies pooled over rounds; fwd CPU: utime+stime of the forwarder \
          from /proc over the measured window ÷ requests; fwd peak RSS: VmHWM (summed over nginx's processes); \
          proxy CPU: Squid's / Dante's; upstream CPU: % of one core; upstream conns: connections the sidecar \
-         (started fresh for each of its cells) opened; errors: failed requests or broken/reordered \
-         streams, warm-up included.\n\n",
+         (started fresh for each of its cells) opened; fwd CPU wait: time the forwarder's threads were \
+         runnable but had no CPU (/proc/PID/task/*/schedstat) ÷ requests, what a saturated machine adds to \
+         its latency; machine busy: all CPUs, from /proc/stat, median of rounds; errors: failed requests or \
+         broken/reordered streams, warm-up included.\n\n",
     );
     for r in results {
         md.push_str(&format!("### {}\n\n{}\n", r.scenario.title(), r.table()));
