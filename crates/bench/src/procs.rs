@@ -177,8 +177,9 @@ pub fn group_cpu_ticks(pgid: u32) -> u64 {
         .sum()
 }
 
-/// Nanoseconds the threads of group `pgid` have spent runnable but waiting for a CPU
-/// (`/proc/PID/task/TID/schedstat`, second field), summed over the live threads.
+/// Nanoseconds the threads of group `pgid` have spent runnable but not running (woken and
+/// waiting for a CPU; `/proc/PID/task/TID/schedstat`, second field), summed over the live
+/// threads.
 pub fn group_cpu_wait_ns(pgid: u32) -> u64 {
     group_members(pgid)
         .into_iter()

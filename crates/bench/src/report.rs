@@ -126,7 +126,8 @@ pub struct Cell {
     pub fwd_rss_kib: Option<u64>,
     /// Sidecar only: upstream connections it opened during the cell (its own metric).
     pub upstream_conns: Option<u64>,
-    /// Seconds the forwarder's threads were runnable but waiting for a CPU in the window.
+    /// Seconds the forwarder's threads were runnable but not running in the window: woken
+    /// and waiting for a CPU (other processes on it, or the wake-up itself on an idle vCPU).
     pub fwd_cpu_wait: Option<f64>,
     /// Share of all CPUs busy in the window (0..1).
     pub machine_busy: Option<f64>,
@@ -301,7 +302,7 @@ impl ScenarioResult {
             "proxy CPU µs/req",
             "upstream CPU %",
             "upstream conns",
-            "fwd CPU wait µs/req",
+            "fwd sched wait µs/req",
             "machine busy %",
             "errors",
         ]);

@@ -506,9 +506,9 @@ fn render(cfg: &Config, results: &[ScenarioResult]) -> String {
          vs straight through that proxy); latencies pooled over rounds; fwd CPU: utime+stime of the forwarder \
          from /proc over the measured window ÷ requests; fwd peak RSS: VmHWM (summed over nginx's processes); \
          proxy CPU: Squid's / Dante's; upstream CPU: % of one core; upstream conns: connections the sidecar \
-         (started fresh for each of its cells) opened; fwd CPU wait: time the forwarder's threads were \
-         runnable but had no CPU (/proc/PID/task/*/schedstat) ÷ requests, what a saturated machine adds to \
-         its latency; machine busy: all CPUs, from /proc/stat, median of rounds; errors: failed requests or \
+         (started fresh for each of its cells) opened; fwd sched wait: time the forwarder's threads were \
+         runnable but not running (/proc/PID/task/*/schedstat: woken, then waiting for a CPU held by another \
+         process or for an idle vCPU to wake) ÷ requests, latency the machine adds, not the forwarder's work; machine busy: all CPUs, from /proc/stat, median of rounds; errors: failed requests or \
          broken/reordered streams, warm-up included.\n\n",
     );
     for r in results {

@@ -107,7 +107,7 @@ impl Forwarder {
         // The log line's path is read back from the URI when it is written (a reference
         // count, not a copy of the path, per request).
         let log_uri = req.uri().clone();
-        let target = match upstream_path(&provider.upstream, rest, req.uri().query()) {
+        let mut target = match upstream_path(&provider.upstream, rest, req.uri().query()) {
             Ok(u) => u,
             Err(m) => {
                 return json_error(
@@ -130,18 +130,22 @@ impl Forwarder {
             Route::Direct
         };
         let mut fallback_cause = None;
-        // Keep a copy of the headers only when a second attempt is possible.
-        let first_headers = if provider.proxy.is_some() && provider.fallback_to_direct {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
+        // Keep a copy of the headers and target only when a second attempt is possible.
+        let (first_target, first_headers) =
+            if provider.proxy.is_some() && provider.fallback_to_direct {
+                (target.clone(), parts.headers.clone())
+            } else {
+                (
+                    std::mem::take(&mut target),
+                    std::mem::take(&mut parts.headers),
+                )
+            };
         let mut attempt = self
             .attempt(
                 &entry,
                 route_path(route),
                 &parts.method,
-                &target,
+                first_target,
                 first_headers,
                 &slot,
             )
@@ -172,7 +176,7 @@ impl Forwarder {
                         &entry,
                         Path::Direct,
                         &parts.method,
-                        &target,
+                        target,
                         std::mem::take(&mut parts.headers),
                         &slot,
                     )
@@ -320,7 +324,7 @@ impl Forwarder {
         entry: &ProviderRoute,
         path: Path,
         method: &Method,
-        uri: &Uri,
+        uri: Uri,
         headers: HeaderMap,
         slot: &BodySlot,
     ) -> Attempt {
@@ -331,7 +335,7 @@ impl Forwarder {
         };
         let mut req = Request::new(slot.attempt().boxed_unsync());
         *req.method_mut() = method.clone();
-        *req.uri_mut() = uri.clone();
+        *req.uri_mut() = uri;
         *req.headers_mut() = headers;
         if path == Path::Proxy
             && !provider.upstream.is_https()
@@ -496,8 +500,10 @@ pub fn upstream_path(
     rest: &str,
     query: Option<&str>,
 ) -> Result<Uri, String> {
+    // Exactly the length: a `Bytes` made from a full `Vec` takes the buffer over, one with
+    // spare capacity costs another allocation.
     let mut s = String::with_capacity(
-        2 + upstream.base_path.len() + rest.len() + query.map_or(0, str::len),
+        upstream.base_path.len() + rest.len().max(1) + query.map_or(0, |q| q.len() + 1),
     );
     s.push_str(&upstream.base_path);
     if rest.is_empty() {
