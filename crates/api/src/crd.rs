@@ -16,6 +16,27 @@ pub const GROUP: &str = "providerproxy.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "ProviderProxy";
 
+/// The `upstream` URLs the CRD admits: what `UpstreamUrl::parse` accepts, but for the
+/// host and port, which the controller checks (status `Ready=False` with the reason). http
+/// or https, a host, no credentials, query or fragment, a path of URI characters only.
+/// RE2 syntax, as CEL's `matches` takes it; a test holds it to the parser.
+pub const UPSTREAM_URL_PATTERN: &str =
+    r"^\s*(?i:https?)://[^/?#@\s]+(/[A-Za-z0-9._~!$&'()*+,;=:@/%-]*)?\s*$";
+
+/// `kubectl apply` refuses a bad upstream at once, with this message, instead of the
+/// provider going not-ready after the fact.
+fn upstream_rule() -> kube::core::Rule {
+    // In a CEL string literal a backslash is written twice.
+    kube::core::Rule::new(format!(
+        "self.matches(\"{}\")",
+        UPSTREAM_URL_PATTERN.replace('\\', "\\\\")
+    ))
+    .message(
+        "upstream must be an http:// or https:// URL without credentials, query or fragment, \
+         with only URI characters in its path (percent-encode the rest)",
+    )
+}
+
 /// Where one AI provider is reached, and how: through which outbound proxy, with which
 /// credentials, and whether a proxy failure may fall back to a direct connection.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, PartialEq, Default)]
@@ -40,7 +61,7 @@ pub struct ProviderProxySpec {
     /// Base URL of the provider's API, e.g. `https://api.anthropic.com`. Requests to
     /// `http://127.0.0.1:15080/<name>/<path>` go to `<upstream>/<path>`.
     #[schemars(length(min = 1, max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^(?i)https?://[^/?#]+')").message("upstream must be an http:// or https:// URL"))]
+    #[x_kube(validation = upstream_rule())]
     pub upstream: String,
 
     /// Outbound proxy for this provider. Omit it for a direct connection.

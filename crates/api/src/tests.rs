@@ -340,6 +340,62 @@ fn upstream_urls() {
     }
 }
 
+/// The CRD's CEL rule for `upstream` must admit every URL the parser accepts and refuse
+/// the ones it refuses for their shape (credentials, query, fragment, path characters);
+/// only host and port validity is left to the controller.
+#[test]
+fn crd_upstream_rule_agrees_with_the_parser() {
+    let re = regex::Regex::new(UPSTREAM_URL_PATTERN).unwrap();
+    let agree = |url: &str| {
+        assert_eq!(
+            re.is_match(url),
+            UpstreamUrl::parse(url).is_ok(),
+            "CEL rule and parser disagree on {url:?}"
+        );
+    };
+    for url in [
+        "https://api.anthropic.com",
+        "HTTPS://api.anthropic.com/",
+        "http://[::1]:8080/v1",
+        "  https://api.example/v1beta/models:generate  ",
+        "https://api.example/openai/deployments/gpt-4o~1/",
+        "https://api.example/a%20b/c@d!$&'()*+,;=",
+        "https://api.example/v1\n/",
+        "https://api.example/v 1",
+        "https://api.example/ü",
+        "https://api.example/a<b",
+        "https://api.example/a\"b",
+        "https://user:pw@api.example",
+        "https://api.example/?x=1",
+        "https://api.example#top",
+        "https://",
+        "ftp://api.example",
+        "api.example",
+    ] {
+        agree(url);
+    }
+    // Every printable ASCII character, and a few others, in a path.
+    for c in (' '..='~').chain(['\t', '\u{7f}', 'é', '\u{2028}']) {
+        agree(&format!("https://api.example/v1/{c}x"));
+    }
+    // The rule in the CRD is this pattern, with CEL's doubled backslashes.
+    let cel = format!(
+        "self.matches(\"{}\")",
+        UPSTREAM_URL_PATTERN.replace('\\', "\\\\")
+    );
+    let yaml = crd_yaml().unwrap();
+    let rules: Vec<&str> = yaml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rule: "))
+        .collect();
+    assert!(
+        rules
+            .iter()
+            .any(|r| serde_yaml::from_str::<String>(r).ok().as_deref() == Some(cel.as_str())),
+        "no rule {cel:?} in the CRD: {rules:?}"
+    );
+}
+
 #[test]
 fn debug_output_masks_embedded_passwords() {
     let p = pp(spec(Some("http://alice:hunter2@proxy:1")));
@@ -463,7 +519,7 @@ fn crd_has_schema_validation_and_columns() {
         "shortNames:\n    - pp",
         "x-kubernetes-validations",
         "proxy.url must be at most 512 characters",
-        "upstream must be an http:// or https:// URL",
+        "upstream must be an http:// or https:// URL without credentials",
         "jsonPath: .status.proxy",
         "subresources:\n      status: {}",
     ] {

@@ -208,7 +208,8 @@ impl Body for UpstreamBody {
         match &frame {
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.conn.release(),
             Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
-            // Failed: hyper closes the connection and `release` drops it.
+            // The end of a body without a known length, or a failure (after which hyper has
+            // closed the connection, and `release` drops it rather than parking it).
             Poll::Ready(Some(Err(_)) | None) => this.conn.release(),
         }
         frame
