@@ -397,3 +397,111 @@ async fn log_level_changes_at_runtime_in_both_binaries() {
         assert!(!logs.contains(TOKEN), "{name}: the token was logged");
     }
 }
+
+/// Every request writes an access-log line; the lines reach stderr from a thread of their
+/// own. With stderr a pipe nobody reads (a stuck container log driver: the pipe fills after
+/// 64 KiB, ~130 lines), the one data-plane worker keeps serving, and the queued lines all
+/// come out once the pipe drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_pipe_never_stalls_requests() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use http_body_util::{BodyExt, Full};
+    use provider_proxy_testkit::{ChildGuard, free_port};
+
+    use crate::hygiene::binary;
+
+    const REQUESTS: usize = 3000;
+    let upstream = Upstream::start(UpstreamOptions::plain());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("providers.yaml"),
+        provider("ok", &upstream.base_url(), None, ""),
+    )
+    .unwrap();
+    let listen = free_port();
+    let mut sidecar = ChildGuard(
+        Command::new(binary())
+            .args(["sidecar", "--config"])
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+            .env("RUST_LOG", "info")
+            .env("LOG_FORMAT", "json")
+            .env("WORKER_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Held open, not read: the pipe fills and stays full.
+    let mut stderr = sidecar.0.stderr.take().unwrap();
+
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let url = format!("http://127.0.0.1:{listen}/ok/v1/messages");
+    let get = || async {
+        let req = http::Request::get(&url).body(Full::default()).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
+        match resp {
+            Ok(Ok(r)) => {
+                let status = r.status();
+                let _ = r.into_body().collect().await;
+                Some(status)
+            }
+            _ => None,
+        }
+    };
+    let started = Instant::now();
+    while get().await != Some(http::StatusCode::OK) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sidecar not up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..REQUESTS {
+        let status = get().await;
+        assert_eq!(
+            status,
+            Some(http::StatusCode::OK),
+            "request {i} of {REQUESTS} stalled or failed behind a full log pipe"
+        );
+    }
+
+    // Now drain the pipe: every request's line was queued, none dropped.
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64 * 1024];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let lines = || {
+        text.lock()
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("provider_proxy::access"))
+            .count()
+    };
+    let drained = Instant::now();
+    while lines() < REQUESTS + 1 && drained.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        lines() > REQUESTS,
+        "{} access lines for {} requests",
+        lines(),
+        REQUESTS + 1
+    );
+}

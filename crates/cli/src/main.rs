@@ -41,7 +41,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_control = match settings::init_logging(&cli.log) {
+    let (log_control, log_guard) = match settings::init_logging(&cli.log) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -65,6 +65,8 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
     };
+    // The log lines still queued go out before the final word.
+    drop(log_guard);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

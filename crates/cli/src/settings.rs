@@ -10,6 +10,7 @@ use provider_proxy_api::Timeouts;
 use provider_proxy_dataplane::server::{AdminToken, LogControl, LogLevelEndpoint};
 use provider_proxy_dataplane::snapshot_client::{SnapshotClient, SnapshotClientSettings};
 use provider_proxy_dataplane::{FileLoader, PoolSettings, Sidecar, SidecarSettings, TrustRoots};
+use tracing_appender::non_blocking::WorkerGuard;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LogFormat {
@@ -35,8 +36,9 @@ pub struct LogArgs {
     pub log_level: String,
 }
 
-/// Install the subscriber; the returned control changes the filter at runtime.
-pub fn init_logging(args: &LogArgs) -> Result<LogControl, String> {
+/// Install the subscriber. The control changes the filter at runtime; the guard writes out
+/// the lines still queued when it drops, so keep it until the process exits.
+pub fn init_logging(args: &LogArgs) -> Result<(LogControl, WorkerGuard), String> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, fmt, reload};
@@ -44,22 +46,23 @@ pub fn init_logging(args: &LogArgs) -> Result<LogControl, String> {
     let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| format!("invalid --log-level {:?}: {e}", args.log_level))?;
     let (filter, handle) = reload::Layer::new(filter);
+    // Lines reach stderr from a thread of their own, through a bounded queue: a log pipe
+    // that backs up (a slow container log driver) must not stall a data-plane worker, and
+    // every request writes an access-log line. Should the queue fill, lines are dropped,
+    // not requests delayed (as Envoy's access log does).
+    let (stderr, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("pp-log")
+        .finish(std::io::stderr());
     let registry = tracing_subscriber::registry().with(filter);
     let result = match args.log_format {
-        LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Text => registry.with(fmt::layer().with_writer(stderr)).try_init(),
         LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr),
-            )
+            .with(fmt::layer().json().flatten_event(true).with_writer(stderr))
             .try_init(),
     };
     result.map_err(|e| format!("cannot set up logging: {e}"))?;
-    Ok(LogControl::new(move |new: Option<&str>| {
+    let control = LogControl::new(move |new: Option<&str>| {
         if let Some(new) = new {
             let f = EnvFilter::try_new(new).map_err(|e| format!("invalid filter {new:?}: {e}"))?;
             handle.reload(f).map_err(|e| e.to_string())?;
@@ -67,7 +70,8 @@ pub fn init_logging(args: &LogArgs) -> Result<LogControl, String> {
         handle
             .with_current(|f| f.to_string())
             .map_err(|e| e.to_string())
-    }))
+    });
+    Ok((control, guard))
 }
 
 /// Defaults for every provider's timeouts, in milliseconds, as in the reference.
