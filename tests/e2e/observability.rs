@@ -399,9 +399,10 @@ async fn log_level_changes_at_runtime_in_both_binaries() {
 }
 
 /// Every request writes an access-log line; the lines reach stderr from a thread of their
-/// own. With stderr a pipe nobody reads (a stuck container log driver: the pipe fills after
-/// 64 KiB, ~130 lines), the one data-plane worker keeps serving, and the queued lines all
-/// come out once the pipe drains.
+/// own through a bounded queue. With stderr a pipe nobody reads (a stuck container log
+/// driver: the pipe fills after 64 KiB, ~130 lines), the one data-plane worker keeps
+/// serving; lines past the queue are dropped and counted, and the queued ones all come out
+/// once the pipe drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_pipe_never_stalls_requests() {
     use std::io::Read;
@@ -415,6 +416,7 @@ async fn a_stalled_log_pipe_never_stalls_requests() {
     use crate::hygiene::binary;
 
     const REQUESTS: usize = 3000;
+    const QUEUE: usize = 1000;
     let upstream = Upstream::start(UpstreamOptions::plain());
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -422,14 +424,15 @@ async fn a_stalled_log_pipe_never_stalls_requests() {
         provider("ok", &upstream.base_url(), None, ""),
     )
     .unwrap();
-    let listen = free_port();
+    let (listen, admin) = (free_port(), free_port());
     let mut sidecar = ChildGuard(
         Command::new(binary())
             .args(["sidecar", "--config"])
             .arg(dir.path())
             .args(["--listen", &format!("127.0.0.1:{listen}")])
-            .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
             .env("RUST_LOG", "info")
+            .env("LOG_QUEUE_LINES", QUEUE.to_string())
             .env("LOG_FORMAT", "json")
             .env("WORKER_THREADS", "1")
             .stdout(Stdio::null())
@@ -444,7 +447,7 @@ async fn a_stalled_log_pipe_never_stalls_requests() {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
     let url = format!("http://127.0.0.1:{listen}/ok/v1/messages");
-    let get = || async {
+    let request = || async {
         let req = http::Request::get(&url).body(Full::default()).unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
         match resp {
@@ -457,7 +460,7 @@ async fn a_stalled_log_pipe_never_stalls_requests() {
         }
     };
     let started = Instant::now();
-    while get().await != Some(http::StatusCode::OK) {
+    while request().await != Some(http::StatusCode::OK) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "sidecar not up"
@@ -465,7 +468,7 @@ async fn a_stalled_log_pipe_never_stalls_requests() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for i in 0..REQUESTS {
-        let status = get().await;
+        let status = request().await;
         assert_eq!(
             status,
             Some(http::StatusCode::OK),
@@ -473,7 +476,15 @@ async fn a_stalled_log_pipe_never_stalls_requests() {
         );
     }
 
-    // Now drain the pipe: every request's line was queued, none dropped.
+    // The lines that found the queue full were dropped, and the metric says how many.
+    let metrics = reqwest(&format!("http://127.0.0.1:{admin}/metrics")).await;
+    let dropped = get(&parse(&metrics), "provider_proxy_log_lines_dropped_total") as usize;
+    assert!(
+        dropped > 0,
+        "nothing dropped with a queue of {QUEUE}: {metrics}"
+    );
+
+    // Drain the pipe: the queued lines all arrive.
     let text = Arc::new(Mutex::new(String::new()));
     let sink = text.clone();
     std::thread::spawn(move || {
@@ -494,13 +505,15 @@ async fn a_stalled_log_pipe_never_stalls_requests() {
             .filter(|l| l.contains("provider_proxy::access"))
             .count()
     };
+    // Every request's line either arrives or is counted as dropped (the first request,
+    // which found the sidecar up, makes one more).
     let drained = Instant::now();
-    while lines() < REQUESTS + 1 && drained.elapsed() < Duration::from_secs(20) {
+    while lines() + dropped <= REQUESTS && drained.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        lines() > REQUESTS,
-        "{} access lines for {} requests",
+        lines() + dropped > REQUESTS && lines() >= QUEUE,
+        "{} access lines arrived and {dropped} were dropped, for {} requests",
         lines(),
         REQUESTS + 1
     );

@@ -199,6 +199,18 @@ impl Metrics {
         );
     }
 
+    /// Export how many log lines the binary's log queue dropped (counted at scrape time).
+    pub fn register_log_drops(&self, count: Arc<dyn Fn() -> u64 + Send + Sync>) {
+        let counter = must(IntCounter::new(
+            "provider_proxy_log_lines_dropped_total",
+            "Log lines dropped because the log queue was full (stderr not drained fast enough); requests never wait for logging.",
+        ));
+        // A second `start` of the same sidecar finds it registered already: keep that one.
+        let _ = self
+            .registry
+            .register(Box::new(LogDropsCollector { count, counter }));
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -242,6 +254,23 @@ impl ConnectObserver for Metrics {
 
 /// Reads the pool's atomics when Prometheus scrapes. Holds the pool weakly: the pool
 /// holds these metrics (as its connect observer), and a cycle would leak both.
+struct LogDropsCollector {
+    count: Arc<dyn Fn() -> u64 + Send + Sync>,
+    counter: IntCounter,
+}
+
+impl Collector for LogDropsCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.counter.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let c = &self.counter;
+        c.inc_by((self.count)().saturating_sub(c.get()));
+        c.collect()
+    }
+}
+
 struct PoolCollector {
     pool: std::sync::Weak<AgentPool>,
     agents: IntGaugeVec,

@@ -41,13 +41,30 @@ pub(crate) fn data_service(forwarder: Arc<Forwarder>) -> impl HttpService<Respon
 
 type LogFilterFn = dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync;
 
-/// Changes (or, with `None`, reads) the process's log filter; the binary supplies it.
+/// Changes (or, with `None`, reads) the process's log filter; the binary supplies it,
+/// and, when its lines go through a queue that may drop them, how many it dropped.
 #[derive(Clone)]
-pub struct LogControl(Arc<LogFilterFn>);
+pub struct LogControl {
+    filter: Arc<LogFilterFn>,
+    dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+}
 
 impl LogControl {
     pub fn new(f: impl Fn(Option<&str>) -> Result<String, String> + Send + Sync + 'static) -> Self {
-        Self(Arc::new(f))
+        Self {
+            filter: Arc::new(f),
+            dropped: None,
+        }
+    }
+
+    /// Lines dropped so far because the log queue was full (a monotonic count).
+    pub fn with_dropped_lines(mut self, count: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.dropped = Some(Arc::new(count));
+        self
+    }
+
+    pub(crate) fn dropped_lines(&self) -> Option<Arc<dyn Fn() -> u64 + Send + Sync>> {
+        self.dropped.clone()
     }
 }
 
@@ -96,7 +113,7 @@ impl LogLevelEndpoint {
     pub async fn handle(&self, req: Request<Incoming>) -> (StatusCode, &'static str, String) {
         let text = |status, body: String| (status, "text/plain", body);
         match *req.method() {
-            http::Method::GET => match self.control.as_ref().map(|c| (c.0)(None)) {
+            http::Method::GET => match self.control.as_ref().map(|c| (c.filter)(None)) {
                 Some(Ok(current)) => text(StatusCode::OK, format!("{current}\n")),
                 Some(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
                 None => not_available(),
@@ -146,7 +163,7 @@ impl LogLevelEndpoint {
                 "send a log filter such as `debug` or `info,hyper=warn`\n",
             );
         }
-        match (control.0)(Some(&filter)) {
+        match (control.filter)(Some(&filter)) {
             Ok(now) => {
                 tracing::warn!(filter = %now, "log level changed through the admin port");
                 (StatusCode::OK, "text/plain", format!("{now}\n"))

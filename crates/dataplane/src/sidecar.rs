@@ -103,6 +103,13 @@ impl Sidecar {
             )?;
             tokio::spawn(workers.serve(data, wait_for(stopped.clone())))
         };
+        if let Some(count) = self
+            .log_control
+            .as_ref()
+            .and_then(LogControl::dropped_lines)
+        {
+            self.metrics.register_log_drops(count);
+        }
         let admin_state = Admin {
             config: self.config.clone(),
             log_level: LogLevelEndpoint {
