@@ -1051,6 +1051,7 @@ fn bad_values_are_rejected() {
             "replicaCount=2,leaderElection.enabled=false",
             "leaderElection",
         ),
+        ("sidecar.logging.queueLines=0", "queueLines"),
     ] {
         let err = template(&["--set", set]).expect_err(set);
         assert!(err.contains(needle), "--set {set}: {err}");

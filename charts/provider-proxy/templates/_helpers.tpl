@@ -152,6 +152,8 @@ spec:
           value: {{ .Values.sidecar.logging.format | quote }}
         - name: RUST_LOG
           value: {{ .Values.sidecar.logging.level | quote }}
+        - name: LOG_QUEUE_LINES
+          value: {{ .Values.sidecar.logging.queueLines | quote }}
         - name: WORKER_THREADS
           value: {{ .Values.sidecar.workerThreads | quote }}
       ports:
