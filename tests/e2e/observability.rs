@@ -327,6 +327,15 @@ async fn log_level_changes_at_runtime_in_both_binaries() {
         .await;
         let (status, body) = raw_get(&url, None).await;
         assert_eq!((status, body.trim()), (StatusCode::OK, "warn"), "{name}");
+        // Both binaries log through the bounded queue and say how many lines it dropped.
+        let metrics = raw_get(&format!("http://127.0.0.1:{admin}/metrics"), None)
+            .await
+            .1;
+        assert_eq!(
+            parse(&metrics).get("provider_proxy_log_lines_dropped_total"),
+            Some(&0.0),
+            "{name}: {metrics}"
+        );
         // Not HTTP: the connection ends with an error, logged at debug level.
         let broken_client = || async {
             let mut s = tokio::net::TcpStream::connect(("127.0.0.1", admin))

@@ -138,6 +138,15 @@ impl ControllerMetrics {
             .observe(o.latency.as_secs_f64());
     }
 
+    /// Export how many log lines the binary's log queue dropped.
+    pub fn register_log_drops(&self, count: Arc<dyn Fn() -> u64 + Send + Sync>) {
+        let _ = self
+            .registry
+            .register(provider_proxy_dataplane::metrics::log_drops_collector(
+                count,
+            ));
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

@@ -109,6 +109,14 @@ pub async fn start(
     roots: TrustRoots,
 ) -> Result<RunningController, RunError> {
     let metrics = ControllerMetrics::new();
+    if let Some(count) = settings
+        .log_level
+        .control
+        .as_ref()
+        .and_then(|c| c.dropped_lines())
+    {
+        metrics.register_log_drops(count);
+    }
     let hub = Arc::new(SnapshotHub::new());
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();

@@ -201,14 +201,8 @@ impl Metrics {
 
     /// Export how many log lines the binary's log queue dropped (counted at scrape time).
     pub fn register_log_drops(&self, count: Arc<dyn Fn() -> u64 + Send + Sync>) {
-        let counter = must(IntCounter::new(
-            "provider_proxy_log_lines_dropped_total",
-            "Log lines dropped because the log queue was full (stderr not drained fast enough); requests never wait for logging.",
-        ));
         // A second `start` of the same sidecar finds it registered already: keep that one.
-        let _ = self
-            .registry
-            .register(Box::new(LogDropsCollector { count, counter }));
+        let _ = self.registry.register(log_drops_collector(count));
     }
 
     pub fn registry(&self) -> &Registry {
@@ -254,6 +248,16 @@ impl ConnectObserver for Metrics {
 
 /// Reads the pool's atomics when Prometheus scrapes. Holds the pool weakly: the pool
 /// holds these metrics (as its connect observer), and a cycle would leak both.
+/// `provider_proxy_log_lines_dropped_total`, read from `count` at scrape time; both
+/// binaries export it.
+pub fn log_drops_collector(count: Arc<dyn Fn() -> u64 + Send + Sync>) -> Box<dyn Collector> {
+    let counter = must(IntCounter::new(
+        "provider_proxy_log_lines_dropped_total",
+        "Log lines dropped because the log queue was full (stderr not drained fast enough); work never waits for logging.",
+    ));
+    Box::new(LogDropsCollector { count, counter })
+}
+
 struct LogDropsCollector {
     count: Arc<dyn Fn() -> u64 + Send + Sync>,
     counter: IntCounter,

@@ -63,7 +63,7 @@ impl LogControl {
         self
     }
 
-    pub(crate) fn dropped_lines(&self) -> Option<Arc<dyn Fn() -> u64 + Send + Sync>> {
+    pub fn dropped_lines(&self) -> Option<Arc<dyn Fn() -> u64 + Send + Sync>> {
         self.dropped.clone()
     }
 }
