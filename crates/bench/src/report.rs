@@ -128,7 +128,7 @@ pub struct Cell {
     pub upstream_conns: Option<u64>,
     /// Seconds the forwarder's threads were runnable but not running in the window: woken
     /// and waiting for a CPU (other processes on it, or the wake-up itself on an idle vCPU).
-    pub fwd_cpu_wait: Option<f64>,
+    pub fwd_sched_wait: Option<f64>,
     /// Share of all CPUs busy in the window (0..1).
     pub machine_busy: Option<f64>,
 }
@@ -165,7 +165,7 @@ pub struct RowStats {
     pub ok: u64,
     /// Most upstream connections a sidecar cell opened.
     pub conns: Option<u64>,
-    pub fwd_wait_us: Option<f64>,
+    pub fwd_sched_wait_us: Option<f64>,
     pub busy_pct: Option<f64>,
 }
 
@@ -261,7 +261,7 @@ impl ScenarioResult {
             errors: cells.iter().map(|c| c.load.errors).sum(),
             ok,
             conns: cells.iter().filter_map(|c| c.upstream_conns).max(),
-            fwd_wait_us: per_req(&|c| c.fwd_cpu_wait),
+            fwd_sched_wait_us: per_req(&|c| c.fwd_sched_wait),
             busy_pct: cells
                 .iter()
                 .map(|c| c.machine_busy)
@@ -327,7 +327,7 @@ impl ScenarioResult {
             r.push(opt(s.proxy_us, |v| format!("{v:.1}")));
             r.push(format!("{:.0}", s.up_pct));
             r.push(s.conns.map_or_else(|| "–".to_owned(), |c| c.to_string()));
-            r.push(opt(s.fwd_wait_us, |v| format!("{v:.1}")));
+            r.push(opt(s.fwd_sched_wait_us, |v| format!("{v:.1}")));
             r.push(opt(s.busy_pct, |v| format!("{v:.0}")));
             r.push(s.errors.to_string());
             rows.push(r);

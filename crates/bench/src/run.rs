@@ -342,7 +342,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
                 gen_cpu: 0.0,
                 fwd_rss_kib: None,
                 upstream_conns: None,
-                fwd_cpu_wait: None,
+                fwd_sched_wait: None,
                 machine_busy: None,
             };
         }
@@ -378,7 +378,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     } else {
         None
     };
-    let (window, d, fwd_cpu_wait, machine_busy) = match window_and_cpu {
+    let (window, d, fwd_sched_wait, machine_busy) = match window_and_cpu {
         Some(((a, ta, (wa, ma)), (z, tz, (wz, mz)))) => {
             let d: Vec<Option<f64>> = a
                 .iter()
@@ -403,7 +403,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
         gen_cpu: d[3].unwrap_or(0.0),
         fwd_rss_kib,
         upstream_conns,
-        fwd_cpu_wait,
+        fwd_sched_wait,
         machine_busy,
     }
 }
