@@ -55,6 +55,10 @@ impl ConnectObserver for NoObserver {}
 pub struct Conn {
     io: Box<dyn Io>,
     h2: bool,
+    /// The outermost layer is TLS: rustls copies whatever it is given into records, so
+    /// vectored writes buy nothing and cost it an allocation per write; hyper flattens
+    /// instead (one small copy it would make anyway).
+    tls: bool,
 }
 
 impl Conn {
@@ -95,7 +99,7 @@ impl AsyncWrite for Conn {
         Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        !self.tls && self.io.is_write_vectored()
     }
 }
 
@@ -234,7 +238,8 @@ impl ConnectorInner {
                     // An http upstream behind an HTTP proxy: the proxy takes absolute-form
                     // requests on this very connection; no tunnel.
                     timings.proxy_handshake = handshake_started.elapsed();
-                    return Ok(Conn { io, h2: false });
+                    let tls = url.scheme() == ProxyScheme::Https;
+                    return Ok(Conn { io, h2: false, tls });
                 }
                 http_connect::tunnel(&mut io, &self.upstream, url, &what).await?;
                 io
@@ -254,7 +259,11 @@ impl ConnectorInner {
         timings: &mut ConnectTimings,
     ) -> Result<Conn, ConnectError> {
         let Some((cfg, name)) = &self.upstream_tls else {
-            return Ok(Conn { io, h2: false });
+            return Ok(Conn {
+                io,
+                h2: false,
+                tls: false,
+            });
         };
         let started = Instant::now();
         let tls = TlsConnector::from(cfg.clone())
@@ -279,6 +288,7 @@ impl ConnectorInner {
         Ok(Conn {
             io: Box::new(tls),
             h2,
+            tls: true,
         })
     }
 }

@@ -691,4 +691,42 @@ mod tests {
         set.reap_idle();
         assert_eq!(set.lock(0).idle.len(), 0);
     }
+
+    /// hyper writes a request as headers + body; over TLS it must hand rustls one buffer
+    /// (rustls allocates to gather several), over plain TCP it may use writev.
+    #[tokio::test(flavor = "current_thread")]
+    async fn tls_connections_take_flat_writes_plain_ones_vectored() {
+        use tokio::io::AsyncWrite;
+
+        let pki = Arc::new(provider_proxy_testkit::TestPki::new());
+        let tls_upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
+        let url = UpstreamUrl::parse(&tls_upstream.base_url()).unwrap();
+        let tls = Connector::new(
+            url,
+            Some(pki.rustls_client_config(&[b"http/1.1"])),
+            None,
+            Duration::from_secs(5),
+            Arc::new(NoObserver),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        assert!(!tls.is_write_vectored());
+
+        let plain_upstream = Upstream::start(UpstreamOptions::plain());
+        let url = UpstreamUrl::parse(&plain_upstream.base_url()).unwrap();
+        let plain = Connector::new(
+            url,
+            None,
+            None,
+            Duration::from_secs(5),
+            Arc::new(NoObserver),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        assert!(plain.is_write_vectored());
+    }
 }
