@@ -556,19 +556,16 @@ mod tests {
         conns_to(&upstream.base_url())
     }
 
-    fn conns_to(base_url: &str) -> Arc<ConnSet> {
+    /// A direct connector to `base_url`, trusting `tls` for https.
+    fn connector(base_url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Connector {
         let url = UpstreamUrl::parse(base_url).unwrap();
-        let authority = url.authority();
-        let connector = Connector::new(
-            url,
-            None,
-            None,
-            Duration::from_secs(5),
-            Arc::new(NoObserver),
-        )
-        .unwrap();
+        Connector::new(url, tls, None, Duration::from_secs(5), Arc::new(NoObserver)).unwrap()
+    }
+
+    fn conns_to(base_url: &str) -> Arc<ConnSet> {
+        let authority = UpstreamUrl::parse(base_url).unwrap().authority();
         Arc::new(ConnSet::new(
-            connector,
+            connector(base_url, None),
             Target {
                 scheme: Scheme::HTTP,
                 authority: Authority::try_from(authority.as_str()).unwrap(),
@@ -700,33 +697,18 @@ mod tests {
 
         let pki = Arc::new(provider_proxy_testkit::TestPki::new());
         let tls_upstream = Upstream::start(UpstreamOptions::tls(pki.clone()));
-        let url = UpstreamUrl::parse(&tls_upstream.base_url()).unwrap();
-        let tls = Connector::new(
-            url,
-            Some(pki.rustls_client_config(&[b"http/1.1"])),
-            None,
-            Duration::from_secs(5),
-            Arc::new(NoObserver),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+        let tls_config = pki.rustls_client_config(&[b"http/1.1"]);
+        let tls = connector(&tls_upstream.base_url(), Some(tls_config))
+            .connect()
+            .await
+            .unwrap();
         assert!(!tls.is_write_vectored());
 
         let plain_upstream = Upstream::start(UpstreamOptions::plain());
-        let url = UpstreamUrl::parse(&plain_upstream.base_url()).unwrap();
-        let plain = Connector::new(
-            url,
-            None,
-            None,
-            Duration::from_secs(5),
-            Arc::new(NoObserver),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+        let plain = connector(&plain_upstream.base_url(), None)
+            .connect()
+            .await
+            .unwrap();
         assert!(plain.is_write_vectored());
     }
 }
