@@ -12,6 +12,7 @@ fn main() -> ExitCode {
             println!(
                 "provider-proxy-bench [run]        the load benchmark (make bench); env: BENCH_SECONDS, \
                  BENCH_WARMUP, BENCH_ROUNDS, BENCH_SCENARIOS, BENCH_PEERS, BENCH_SIDECAR_BIN, \
+                 BENCH_SIDECAR_B_BIN, \
                  BENCH_SIDECAR_LOG, BENCH_NGINX_WORKERS, BENCH_DANTE_CRYPT, BENCH_OUT\n\
                  provider-proxy-bench sse-upstream --listen ADDR --cert PEM --key PEM"
             );

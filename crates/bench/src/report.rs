@@ -21,10 +21,27 @@ pub enum Peer {
     SidecarH2,
     /// The sidecar, direct, with one data-plane worker (`--worker-threads 1`).
     SidecarOneWorker,
+    /// A second sidecar build (`BENCH_SIDECAR_B_BIN`), direct: two builds compared in one
+    /// interleaved run, which separate runs on a shared machine cannot do to a few percent.
+    SidecarB,
 }
 
 impl Peer {
-    pub const ALL: [Peer; 9] = [
+    pub const ALL: [Peer; 10] = [
+        Peer::Floor(Path3::Direct),
+        Peer::Floor(Path3::Squid),
+        Peer::Floor(Path3::Dante),
+        Peer::Nginx,
+        Peer::Sidecar(Path3::Direct),
+        Peer::Sidecar(Path3::Squid),
+        Peer::Sidecar(Path3::Dante),
+        Peer::SidecarH2,
+        Peer::SidecarOneWorker,
+        Peer::SidecarB,
+    ];
+
+    /// Peers run when `BENCH_PEERS` is not set: all but the A/B one.
+    pub const DEFAULT: [Peer; 9] = [
         Peer::Floor(Path3::Direct),
         Peer::Floor(Path3::Squid),
         Peer::Floor(Path3::Dante),
@@ -36,13 +53,10 @@ impl Peer {
         Peer::SidecarOneWorker,
     ];
 
-    /// Peers run when `BENCH_PEERS` is not set: all of them.
-    pub const DEFAULT: [Peer; 9] = Self::ALL;
-
     pub fn is_sidecar(self) -> bool {
         matches!(
             self,
-            Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneWorker
+            Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneWorker | Peer::SidecarB
         )
     }
 
@@ -58,6 +72,7 @@ impl Peer {
             Peer::Sidecar(Path3::Dante) => "sidecar-dante",
             Peer::SidecarH2 => "sidecar-h2",
             Peer::SidecarOneWorker => "sidecar-1w",
+            Peer::SidecarB => "sidecar-b",
         }
     }
 
@@ -72,6 +87,7 @@ impl Peer {
             Peer::Sidecar(Path3::Dante) => "sidecar via Dante",
             Peer::SidecarH2 => "sidecar, direct, h2 upstream",
             Peer::SidecarOneWorker => "sidecar, direct, 1 worker",
+            Peer::SidecarB => "sidecar B build, direct",
         }
     }
 
@@ -79,7 +95,9 @@ impl Peer {
     pub fn floor(self) -> Peer {
         match self {
             Peer::Floor(p) | Peer::Sidecar(p) => Peer::Floor(p),
-            Peer::Nginx | Peer::SidecarH2 | Peer::SidecarOneWorker => Peer::Floor(Path3::Direct),
+            Peer::Nginx | Peer::SidecarH2 | Peer::SidecarOneWorker | Peer::SidecarB => {
+                Peer::Floor(Path3::Direct)
+            }
         }
     }
 }
@@ -136,6 +154,13 @@ pub struct Cell {
 impl Cell {
     pub fn rps(&self) -> f64 {
         self.load.ok as f64 / self.window
+    }
+
+    /// The forwarder's CPU per good request, µs.
+    pub fn fwd_us(&self) -> Option<f64> {
+        self.fwd_cpu
+            .filter(|_| self.load.ok > 0)
+            .map(|t| t * 1e6 / self.load.ok as f64)
     }
 }
 
@@ -409,6 +434,46 @@ pub fn markdown(head: &[&str], rows: &[Vec<String>]) -> String {
     out.push('\n');
     for r in rows {
         out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+/// Per scenario with both builds: B's CPU per request and req/s over A's, median of the
+/// round-by-round ratios (the two run back to back in every round).
+pub fn build_b_lines(results: &[ScenarioResult]) -> String {
+    let mut out = String::new();
+    let a = Peer::Sidecar(Path3::Direct);
+    for r in results {
+        let (Some(ca), Some(cb)) = (r.cells(a), r.cells(Peer::SidecarB)) else {
+            continue;
+        };
+        let per_round = |f: &dyn Fn(&Cell) -> Option<f64>| {
+            let x: Vec<f64> = ca
+                .iter()
+                .zip(cb)
+                .filter_map(|(a, b)| Some(f(b)? / f(a)?))
+                .collect();
+            (!x.is_empty()).then(|| (median(&x), x))
+        };
+        let cpu = per_round(&|c: &Cell| c.fwd_us());
+        let rps = per_round(&|c: &Cell| Some(c.rps()).filter(|r| *r > 0.0));
+        let show = |v: Option<(f64, Vec<f64>)>| match v {
+            Some((m, all)) => format!(
+                "{m:.3}× (rounds: {})",
+                all.iter()
+                    .map(|x| format!("{x:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => "–".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "- {}: CPU per request B/A {}; req/s B/A {}",
+            r.scenario.name(),
+            show(cpu),
+            show(rps)
+        );
     }
     out
 }

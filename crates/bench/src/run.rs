@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::load::{self, Expect, RequestTemplate, Target, Via};
 use crate::procs;
 use crate::report::{self, Cell, Peer, Scenario, ScenarioResult};
-use crate::setup::{self, Bench, Group, Path3, SetupOptions};
+use crate::setup::{self, Bench, Group, Path3, SetupOptions, SidecarRun};
 
 /// Settings from the environment.
 pub struct Config {
@@ -82,6 +82,12 @@ impl Config {
                 peers.push(p);
             }
         }
+        if peers.contains(&Peer::SidecarB) && std::env::var_os("BENCH_SIDECAR_B_BIN").is_none() {
+            return Err(
+                "BENCH_PEERS: sidecar-b runs the build in BENCH_SIDECAR_B_BIN, which is not set"
+                    .into(),
+            );
+        }
         // Ratios need the floors: add any floor a chosen peer is compared with.
         for p in peers.clone() {
             if !peers.contains(&p.floor()) {
@@ -103,6 +109,7 @@ impl Config {
                 sidecar_bin: std::env::var_os("BENCH_SIDECAR_BIN")
                     .map(PathBuf::from)
                     .unwrap_or(default_bin),
+                sidecar_b_bin: std::env::var_os("BENCH_SIDECAR_B_BIN").map(PathBuf::from),
                 sidecar_log: env_or("BENCH_SIDECAR_LOG", "warn"),
                 nginx_workers: env_or("BENCH_NGINX_WORKERS", "auto"),
                 cheap_dante_hash: env_or("BENCH_DANTE_CRYPT", "sha512") != "system",
@@ -137,6 +144,7 @@ pub fn main() -> Result<(), String> {
 async fn run(cfg: Config) -> Result<(), String> {
     let setup_opts = SetupOptions {
         sidecar_bin: cfg.setup.sidecar_bin.clone(),
+        sidecar_b_bin: cfg.setup.sidecar_b_bin.clone(),
         sidecar_log: cfg.setup.sidecar_log.clone(),
         nginx_workers: cfg.setup.nginx_workers.clone(),
         cheap_dante_hash: cfg.setup.cheap_dante_hash,
@@ -169,7 +177,11 @@ async fn run(cfg: Config) -> Result<(), String> {
                 let idx = (i + round) % rows.len();
                 let peer = rows[idx].0;
                 if peer.is_sidecar() {
-                    bench.start_sidecar(peer == Peer::SidecarOneWorker)?;
+                    bench.start_sidecar(match peer {
+                        Peer::SidecarOneWorker => SidecarRun::OneWorker,
+                        Peer::SidecarB => SidecarRun::BuildB,
+                        _ => SidecarRun::Default,
+                    })?;
                 }
                 let cell = run_cell(&bench, peer, sc, &cfg, ticks).await;
                 if peer.is_sidecar() {
@@ -265,7 +277,7 @@ fn target_for(b: &Bench, peer: Peer, sc: Scenario) -> Result<Target, String> {
             None,
             format!("/{kind}-direct-h2/v1/messages"),
         ),
-        Peer::SidecarOneWorker => (
+        Peer::SidecarOneWorker | Peer::SidecarB => (
             b.sidecar_addr,
             Via::Direct,
             None,
@@ -294,7 +306,9 @@ fn fwd_group(b: &Bench, peer: Peer) -> Option<Group> {
     match peer {
         Peer::Floor(_) => None,
         Peer::Nginx => Some(b.nginx_rp_group()),
-        Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneWorker => b.sidecar_group(),
+        Peer::Sidecar(_) | Peer::SidecarH2 | Peer::SidecarOneWorker | Peer::SidecarB => {
+            b.sidecar_group()
+        }
     }
 }
 
@@ -412,7 +426,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
 /// at once with what went wrong, and the sidecar's agents exist before measuring.
 async fn sanity(b: &mut Bench, cfg: &Config) -> Result<(), String> {
     if cfg.peers.iter().any(|p| p.is_sidecar()) {
-        b.start_sidecar(false)?;
+        b.start_sidecar(SidecarRun::Default)?;
     }
     let r = sanity_checks(b, cfg).await;
     b.stop_sidecar();
@@ -545,6 +559,17 @@ fn render(cfg: &Config, results: &[ScenarioResult]) -> String {
                 ));
             }
         }
+    }
+    let ab = report::build_b_lines(results);
+    if !ab.is_empty() {
+        md.push_str(&format!(
+            "\n### Build B ({}) against build A ({})\n\n{ab}",
+            cfg.setup
+                .sidecar_b_bin
+                .as_ref()
+                .map_or_else(String::new, |b| b.display().to_string()),
+            cfg.setup.sidecar_bin.display()
+        ));
     }
     md.push_str("\n### Targets\n\n");
     md.push_str(&report::targets_table(&report::targets(results)));

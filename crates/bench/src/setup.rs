@@ -89,6 +89,7 @@ pub struct Bench {
     pub squid_auth: String,
     pub dante_user: (String, String),
     sidecar_bin: PathBuf,
+    sidecar_b_bin: Option<PathBuf>,
     sidecar_log: String,
     sidecar_starts: usize,
     pub dir: tempfile::TempDir,
@@ -98,10 +99,22 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// Which sidecar a cell runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SidecarRun {
+    Default,
+    /// One data-plane worker (`--worker-threads 1`).
+    OneWorker,
+    /// The build in `BENCH_SIDECAR_B_BIN`.
+    BuildB,
+}
+
 /// Options from the environment that shape the processes.
 pub struct SetupOptions {
     /// The release `provider-proxy` binary.
     pub sidecar_bin: PathBuf,
+    /// A second build to compare with it (the `sidecar-b` peer).
+    pub sidecar_b_bin: Option<PathBuf>,
     /// `RUST_LOG` for the sidecar.
     pub sidecar_log: String,
     /// `worker_processes` of both nginx instances.
@@ -221,6 +234,9 @@ impl Bench {
             sidecar_manifests(json_up, sse_up_addr, squid_addr, dante_addr, &dante_user),
         )
         .map_err(|e| format!("write manifests: {e}"))?;
+        if let Some(b) = opts.sidecar_b_bin.as_ref().filter(|b| !b.is_file()) {
+            return Err(format!("BENCH_SIDECAR_B_BIN: {} not found", b.display()));
+        }
         if !opts.sidecar_bin.is_file() {
             return Err(format!(
                 "sidecar binary {} not found: build it with `cargo build --release -p provider-proxy` \
@@ -236,6 +252,7 @@ impl Bench {
         Ok(Bench {
             sidecar: None,
             sidecar_bin: opts.sidecar_bin.clone(),
+            sidecar_b_bin: opts.sidecar_b_bin.clone(),
             sidecar_log: opts.sidecar_log.clone(),
             sidecar_starts: 0,
             nginx_rp,
@@ -260,14 +277,19 @@ impl Bench {
     }
 
     /// (Re)start the sidecar on fresh ports; the previous one, if any, is killed first.
-    /// `one_worker`: with one data-plane worker (`--worker-threads 1`).
-    pub fn start_sidecar(&mut self, one_worker: bool) -> Result<(), String> {
+    pub fn start_sidecar(&mut self, run: SidecarRun) -> Result<(), String> {
         self.stop_sidecar();
         let d = self.dir.path();
         self.sidecar_starts += 1;
         let addr = loopback(procs::free_port()?);
         let admin = loopback(procs::free_port()?);
-        let mut cmd = Command::new(&self.sidecar_bin);
+        let bin = match (run, &self.sidecar_b_bin) {
+            (SidecarRun::BuildB, Some(b)) => b,
+            (SidecarRun::BuildB, None) => return Err("no BENCH_SIDECAR_B_BIN to run".into()),
+            _ => &self.sidecar_bin,
+        };
+        let one_worker = run == SidecarRun::OneWorker;
+        let mut cmd = Command::new(bin);
         cmd.arg("sidecar")
             .arg("--config")
             .arg(d.join("manifests"))

@@ -148,6 +148,7 @@ impl Forwarder {
                 first_target,
                 first_headers,
                 &slot,
+                started.into(),
             )
             .await;
         if let Attempt::NotSent(e) = &attempt
@@ -179,6 +180,7 @@ impl Forwarder {
                         target,
                         std::mem::take(&mut parts.headers),
                         &slot,
+                        tokio::time::Instant::now(),
                     )
                     .await;
             }
@@ -319,6 +321,8 @@ impl Forwarder {
         }
     }
 
+    /// One try along `path`; the headers timeout counts from `started`.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         entry: &ProviderRoute,
@@ -327,6 +331,7 @@ impl Forwarder {
         uri: Uri,
         headers: HeaderMap,
         slot: &BodySlot,
+        started: tokio::time::Instant,
     ) -> Attempt {
         let provider = &entry.provider;
         let lease = match self.pool.checkout_keyed(entry.key(path), provider, path) {
@@ -346,16 +351,16 @@ impl Forwarder {
             // Absolute-form through an HTTP proxy: credentials ride on each request.
             req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
         }
-        let fut = lease.agent().send(req);
-        match tokio::time::timeout(provider.timeouts.headers, fut).await {
-            Ok(Ok(resp)) => Attempt::Ok(resp, lease),
-            Ok(Err(SendError::Connect(e))) => {
+        let deadline = crate::pool::deadline(started, provider.timeouts.headers);
+        match lease.agent().send(req, deadline).await {
+            Ok(resp) => Attempt::Ok(resp, lease),
+            Err(SendError::Connect(e)) => {
                 if e.class.marks_unhealthy() {
                     self.pool.mark_unhealthy(lease.agent());
                 }
                 Attempt::NotSent(e)
             }
-            Ok(Err(SendError::Http(e))) => {
+            Err(SendError::Http(e)) => {
                 let class = if is_h2_connection_error(&e) {
                     self.pool.mark_unhealthy(lease.agent());
                     ErrorClass::Http2
@@ -367,7 +372,7 @@ impl Forwarder {
                     format!("upstream request failed: {}", error_chain(&e)),
                 )
             }
-            Err(_) => Attempt::Failed(
+            Err(SendError::HeadersTimeout) => Attempt::Failed(
                 ErrorClass::HeadersTimeout,
                 format!(
                     "no response headers within {} ms (headers timeout)",
@@ -520,63 +525,80 @@ pub fn upstream_path(
         .map_err(|e| format!("cannot build the upstream URL: {e}"))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus any the `Connection` header names. The
-/// client's own `Proxy-Authorization` never leaves the pod.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the legacy ones clients still send;
+/// `Connection` first (its bit is read on its own). The client's own
+/// `Proxy-Authorization` never leaves the pod.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Remove the hop-by-hop headers, plus any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: one pass over the names; most messages carry none of these.
-    let any = headers.keys().any(|k| {
-        k == header::CONNECTION
-            || k == header::PROXY_AUTHORIZATION
-            || k == header::PROXY_AUTHENTICATE
-            || k == header::TE
-            || k == header::TRAILER
-            || k == header::TRANSFER_ENCODING
-            || k == header::UPGRADE
-            || k.as_str() == "keep-alive"
-            || k.as_str() == "proxy-connection"
-    });
-    if !any {
+    // One pass over the names notes which are present, so that only those are looked up
+    // again: most requests carry none, most responses only `Connection: keep-alive`
+    // (removing all nine by name cost ten hash lookups per response).
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Removing by `&str` looks the name up without building a `HeaderName` (no allocation
-    // for custom names); the usual message has one `Connection` line, cloned by refcount.
-    let mut listed = headers.get_all(header::CONNECTION).iter();
-    match (listed.next().cloned(), listed.next()) {
-        (None, _) => {}
-        (Some(only), None) => remove_listed(headers, &only),
-        (Some(_), Some(_)) => {
-            let all: Vec<HeaderValue> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .cloned()
-                .collect();
-            for v in &all {
-                remove_listed(headers, v);
+    if present & 1 != 0 {
+        // The usual message has one `Connection` line, cloned by refcount.
+        let mut lines = headers.get_all(header::CONNECTION).iter();
+        match (lines.next().cloned(), lines.next()) {
+            (None, _) => {}
+            (Some(only), None) => remove_listed(headers, &only),
+            (Some(_), Some(_)) => {
+                let all: Vec<HeaderValue> = headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .cloned()
+                    .collect();
+                for v in &all {
+                    remove_listed(headers, v);
+                }
             }
         }
     }
-    for h in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(h);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
-/// Remove the headers a `Connection` value names (invalid names are ignored).
+/// Remove the headers a `Connection` value names (invalid names are ignored). Hop-by-hop
+/// names are skipped: [`strip_hop_by_hop`] removes those that are present anyway.
 fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
     let Ok(names) = connection.to_str() else {
         return;
     };
+    let hop_by_hop = |name: &str| {
+        HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(name))
+    };
+    // The usual value, `keep-alive`, without splitting.
+    if hop_by_hop(names) {
+        return;
+    }
     for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        headers.remove(name);
+        if !hop_by_hop(name) {
+            // By `&str`: looked up without building a `HeaderName` (no allocation).
+            headers.remove(name);
+        }
     }
 }
 

@@ -94,14 +94,15 @@ async fn run(pool: &AgentPool, provider: &Provider, path: Path) -> Result<u16, C
         req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
     }
     let budget = provider.timeouts.connect + provider.timeouts.headers.min(Duration::from_secs(30));
-    match tokio::time::timeout(budget, lease.agent().send(req)).await {
-        Ok(Ok(resp)) => Ok(resp.status().as_u16()),
-        Ok(Err(SendError::Connect(e))) => Err(e),
-        Ok(Err(SendError::Http(e))) => Err(ConnectError::new(
+    let deadline = crate::pool::deadline(tokio::time::Instant::now(), budget);
+    match lease.agent().send(req, deadline).await {
+        Ok(resp) => Ok(resp.status().as_u16()),
+        Err(SendError::Connect(e)) => Err(e),
+        Err(SendError::Http(e)) => Err(ConnectError::new(
             ErrorClass::UpstreamReset,
             format!("probe request failed: {e}"),
         )),
-        Err(_) => Err(ConnectError::new(
+        Err(SendError::HeadersTimeout) => Err(ConnectError::new(
             ErrorClass::HeadersTimeout,
             format!("no answer within {} ms", budget.as_millis()),
         )),

@@ -39,7 +39,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::RequestBody;
 use crate::connector::{Conn, Connector};
@@ -56,6 +56,8 @@ pub enum SendError {
     Connect(ConnectError),
     /// The connection failed after the request was (partly) written.
     Http(hyper::Error),
+    /// No response headers by the deadline (a connection may not have been found either).
+    HeadersTimeout,
 }
 
 /// What the upstream is called on the wire.
@@ -86,6 +88,7 @@ enum Sender {
 struct H1 {
     sender: http1::SendRequest<RequestBody>,
     io: H1Io,
+    timer: HeadersTimer,
 }
 
 /// The connection's I/O future; `None` once it ended (it must not be polled again, and
@@ -129,6 +132,53 @@ async fn with_io<F: Future>(io: &mut H1Io, fut: F) -> F::Output {
         fut.as_mut().poll(cx)
     })
     .await
+}
+
+/// [`with_io`] until `deadline`: `None` if it passes first.
+async fn with_io_until<F: Future>(
+    io: &mut H1Io,
+    timer: &mut HeadersTimer,
+    deadline: Instant,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    poll_fn(|cx| {
+        let _ = io.poll(cx);
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        timer.poll_passed(deadline, cx).map(|()| None)
+    })
+    .await
+}
+
+/// The headers deadline of the request on an HTTP/1.1 connection: one tokio timer for the
+/// connection's life, not one per request (arming and cancelling a timer for every
+/// request cost ~1 % of a JSON request's CPU: perf). The timer stays where it was set
+/// while later requests, with later deadlines, come and go; if it fires before the
+/// current request's deadline, it moves there. Deadlines only move back when the timeout
+/// was shortened (a new config), and then the timer does too.
+#[derive(Default)]
+struct HeadersTimer(Option<Pin<Box<Sleep>>>);
+
+impl HeadersTimer {
+    /// `Ready` once `deadline` has passed.
+    fn poll_passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let sleep = self
+            .0
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            if sleep.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            // Fired for an earlier request's deadline.
+            sleep.as_mut().reset(deadline);
+        }
+    }
 }
 
 struct IdleConn {
@@ -263,20 +313,25 @@ impl ConnSet {
         crate::workers::shard() % self.shards.len()
     }
 
-    /// Send `req` (origin-form URI: path and query) to the upstream.
+    /// Send `req` (origin-form URI: path and query) to the upstream; the response headers
+    /// must be in by `deadline`, finding a connection included.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let shard = self.current_shard();
         for _ in 0..SEND_ATTEMPTS {
-            match self.checkout(shard).await.map_err(SendError::Connect)? {
+            match self.checkout(shard, deadline).await? {
                 Sender::H1(mut conn) => {
                     // A new connection is ready once its I/O ran.
-                    if !conn.sender.is_ready()
-                        && with_io(&mut conn.io, conn.sender.ready()).await.is_err()
-                    {
-                        continue; // closed before use: nothing sent
+                    if !conn.sender.is_ready() {
+                        let ready = conn.sender.ready();
+                        match with_io_until(&mut conn.io, &mut conn.timer, deadline, ready).await {
+                            None => return Err(SendError::HeadersTimeout),
+                            Some(Err(_)) => continue, // closed before use: nothing sent
+                            Some(Ok(())) => {}
+                        }
                     }
                     // The forwarder's origin-form URI goes out as it is (no copy); only
                     // absolute form, or a request handed back by an h2 connection, needs
@@ -289,14 +344,15 @@ impl ConnSet {
                     req.headers_mut()
                         .insert(header::HOST, self.target.host.clone());
                     let sent = conn.sender.try_send_request(req);
-                    match with_io(&mut conn.io, sent).await {
-                        Ok(resp) => {
+                    match with_io_until(&mut conn.io, &mut conn.timer, deadline, sent).await {
+                        None => return Err(SendError::HeadersTimeout),
+                        Some(Ok(resp)) => {
                             let conn = ConnLease {
                                 h1: Some((self.clone(), shard, conn)),
                             };
                             return Ok(resp.map(|body| UpstreamBody { body, conn }));
                         }
-                        Err(mut e) => match e.take_message() {
+                        Some(Err(mut e)) => match e.take_message() {
                             Some(back) => req = back,
                             None => return Err(SendError::Http(e.into_error())),
                         },
@@ -305,7 +361,8 @@ impl ConnSet {
                 Sender::H2(mut sender) => {
                     *req.uri_mut() = self.absolute(req.uri());
                     req.headers_mut().remove(header::HOST);
-                    match sender.try_send_request(req).await {
+                    let sent = tokio::time::timeout_at(deadline, sender.try_send_request(req));
+                    match sent.await.map_err(|_| SendError::HeadersTimeout)? {
                         Ok(resp) => {
                             let conn = ConnLease { h1: None };
                             return Ok(resp.map(|body| UpstreamBody { body, conn }));
@@ -338,8 +395,13 @@ impl ConnSet {
     }
 
     /// A usable connection: idle or shared if there is one, else the next one that frees
-    /// up or gets built, whichever comes first, within the connect timeout.
-    async fn checkout(self: &Arc<Self>, shard: usize) -> Result<Sender, ConnectError> {
+    /// up or gets built, whichever comes first, within the connect timeout (and before the
+    /// request's `deadline`).
+    async fn checkout(
+        self: &Arc<Self>,
+        shard: usize,
+        deadline: Instant,
+    ) -> Result<Sender, SendError> {
         let rx = {
             let mut st = self.lock(shard);
             if let Some(s) = self.take_usable(&mut st) {
@@ -350,19 +412,21 @@ impl ConnSet {
             self.start_connects(shard, &mut st);
             rx
         };
-        match tokio::time::timeout(self.settings.connect_timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ConnectError::new(
+        let connect_by = Instant::now() + self.settings.connect_timeout;
+        match tokio::time::timeout_at(connect_by.min(deadline), rx).await {
+            Ok(Ok(result)) => result.map_err(SendError::Connect),
+            Ok(Err(_)) => Err(SendError::Connect(ConnectError::new(
                 ErrorClass::ConnectIo,
                 "the connection pool shut down",
-            )),
-            Err(_) => Err(ConnectError::new(
+            ))),
+            Err(_) if deadline < connect_by => Err(SendError::HeadersTimeout),
+            Err(_) => Err(SendError::Connect(ConnectError::new(
                 ErrorClass::ConnectTimeout,
                 format!(
                     "no connection to the upstream within the connect timeout ({} ms)",
                     self.settings.connect_timeout.as_millis()
                 ),
-            )),
+            ))),
         }
     }
 
@@ -422,6 +486,7 @@ impl ConnSet {
                     Sender::H1(H1 {
                         sender,
                         io: H1Io(Some(Box::pin(io))),
+                        timer: HeadersTimer::default(),
                     })
                 })
                 .map_err(|e| handshake_failed("HTTP/1.1", &e)),
@@ -588,6 +653,10 @@ mod tests {
         req
     }
 
+    fn in_a_minute() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_new_connection_parked_before_its_task_ran_is_used_not_dropped() {
         let upstream = Upstream::start_detached(UpstreamOptions::plain());
@@ -597,7 +666,7 @@ mod tests {
         set.lock(0).connecting += 1;
         set.clone().connect(0).await;
         assert_eq!(set.lock(0).idle.len(), 1);
-        let resp = set.send(get()).await.unwrap();
+        let resp = set.send(get(), in_a_minute()).await.unwrap();
         assert!(resp.status().is_success());
         resp.into_body().collect().await.unwrap();
         assert_eq!(upstream.connections(), 1, "the parked connection served it");
@@ -653,7 +722,10 @@ mod tests {
     }
 
     async fn ok(set: &Arc<ConnSet>) -> Result<Bytes, String> {
-        let resp = set.send(get()).await.map_err(|e| format!("{e:?}"))?;
+        let resp = set
+            .send(get(), in_a_minute())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         let body = resp
             .into_body()
             .collect()
@@ -687,6 +759,59 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         set.reap_idle();
         assert_eq!(set.lock(0).idle.len(), 0);
+    }
+
+    /// The headers timer lives as long as the connection. Armed for one request's deadline,
+    /// it must neither cut a later request short (it fires early: it moves on) nor let a
+    /// shortened timeout run long (a new config: it moves back).
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_request_on_a_connection_gets_its_own_headers_deadline() {
+        // Answers the first request of each connection and never the second.
+        let upstream = ClosingUpstream::start().await;
+        let set = conns_to(&format!("http://{}", upstream.addr));
+        let timeout = Duration::from_millis(300);
+        let resp = set.send(get(), Instant::now() + timeout).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(timeout / 2).await;
+
+        let start = Instant::now();
+        let second = set.send(get(), start + timeout).await;
+        assert!(
+            matches!(second, Err(SendError::HeadersTimeout)),
+            "{:?}",
+            second.map(|r| r.status())
+        );
+        assert!(
+            start.elapsed() >= timeout,
+            "timed out after {:?}, at the first request's deadline",
+            start.elapsed()
+        );
+        assert_eq!(
+            upstream.accepted.load(Ordering::SeqCst),
+            1,
+            "same connection"
+        );
+
+        // The timed-out connection is gone; a new one serves a request with a long
+        // timeout, then one with a short timeout that gets no answer.
+        let resp = set.send(get(), in_a_minute()).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        let start = Instant::now();
+        let short = Duration::from_millis(200);
+        let second = tokio::time::timeout(Duration::from_secs(10), set.send(get(), start + short))
+            .await
+            .expect("the short timeout must not wait for the long one");
+        assert!(
+            matches!(second, Err(SendError::HeadersTimeout)),
+            "{:?}",
+            second.map(|r| r.status())
+        );
+        assert!(start.elapsed() >= short);
+        assert_eq!(
+            upstream.accepted.load(Ordering::SeqCst),
+            2,
+            "same connection"
+        );
     }
 
     /// hyper writes a request as headers + body; over TLS it must hand rustls one buffer

@@ -164,13 +164,15 @@ impl Agent {
     pub fn key(&self) -> &PoolKey {
         &self.key
     }
-    /// Send `req` (origin-form URI) on one of this agent's connections. The response body
-    /// holds an HTTP/1.1 connection until it is done with.
+    /// Send `req` (origin-form URI) on one of this agent's connections; its response
+    /// headers must be in by `deadline` ([`deadline`]). The response body holds an
+    /// HTTP/1.1 connection until it is done with.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        self.conns.send(req).await
+        self.conns.send(req, deadline).await
     }
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
@@ -178,6 +180,13 @@ impl Agent {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
+}
+
+/// `timeout` after `from`, or as good as never when that is beyond what an `Instant` holds
+/// (a timeout configured in the billions of years must not panic the data plane).
+pub fn deadline(from: Instant, timeout: Duration) -> Instant {
+    from.checked_add(timeout)
+        .unwrap_or_else(|| from + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// Held while a request uses an agent, until its response body ends or is dropped.
@@ -294,11 +303,12 @@ impl AgentPool {
         provider: &Provider,
         path: Path,
     ) -> Result<AgentLease, ConnectError> {
-        let now = self.now_ms();
+        // One clock read for both the LRU stamp and the lifetime check.
+        let now = Instant::now();
         let mut agents = self.lock();
-        let reusable = agents
-            .get(key)
-            .filter(|a| a.is_healthy() && a.created.elapsed() < self.settings.max_lifetime);
+        let reusable = agents.get(key).filter(|a| {
+            a.is_healthy() && now.duration_since(a.created) < self.settings.max_lifetime
+        });
         let agent = match reusable {
             Some(a) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -323,7 +333,8 @@ impl AgentPool {
                 agent
             }
         };
-        agent.last_used_ms.store(now, Ordering::Relaxed);
+        let now_ms = now.duration_since(self.epoch).as_millis() as u64;
+        agent.last_used_ms.store(now_ms, Ordering::Relaxed);
         agent.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(AgentLease { agent })
     }
