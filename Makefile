@@ -89,7 +89,7 @@ clean-tools:
 # ---------------------------------------------------------------- benchmark (issue 9)
 BENCH_APT := nginx-light squid dante-server apache2-utils
 BENCH_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
-.PHONY: bench bench-micro
+.PHONY: bench bench-micro bench-instructions
 
 bench: ## Load benchmark on loopback: sidecar vs straight, nginx, via Squid/Dante (BENCH_SECONDS, BENCH_ROUNDS, …).
 	@missing=""; for p in $(BENCH_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -99,6 +99,15 @@ bench: ## Load benchmark on loopback: sidecar vs straight, nginx, via Squid/Dant
 	fi
 	$(CARGO) build --release --locked -p provider-proxy -p provider-proxy-bench --bins
 	BENCH_OUT=$${BENCH_OUT:-$(CURDIR)/bench/results} $(BENCH_TARGET_DIR)/release/provider-proxy-bench run
+
+bench-instructions: ## User-space instructions per request, sidecar vs nginx, under callgrind (repeatable).
+	@missing=""; for p in $(BENCH_APT) valgrind; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(CARGO) build --release --locked -p provider-proxy -p provider-proxy-bench --bins
+	BENCH_OUT=$${BENCH_OUT:-$(CURDIR)/bench/results} $(BENCH_TARGET_DIR)/release/provider-proxy-bench instructions
 
 bench-micro: ## Micro-benchmarks of the sidecar's hot functions (divan).
 	$(CARGO) bench --locked -p provider-proxy-bench --bench hot

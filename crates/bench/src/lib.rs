@@ -5,6 +5,7 @@
 //! Not part of the shipped binary; CI compiles it and runs the micro-benchmarks
 //! (`benches/hot.rs`) in test mode.
 
+pub mod instructions;
 pub mod load;
 pub mod procs;
 pub mod report;

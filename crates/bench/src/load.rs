@@ -197,11 +197,7 @@ async fn worker(
                 }
             },
         };
-        let mut req = Request::new(Full::new(template.body.clone()));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = target.path.clone();
-        *req.headers_mut() = template.headers.clone();
-        req.headers_mut().insert(header::HOST, target.host.clone());
+        let req = request(&target, &template);
         let sent = Instant::now();
         match timeout_at(end, exchange(&mut c.sender, req, expect, sent)).await {
             Err(_) => break,
@@ -222,6 +218,34 @@ async fn worker(
         }
     }
     out
+}
+
+fn request(target: &Target, template: &RequestTemplate) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(template.body.clone()));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = target.path.clone();
+    *req.headers_mut() = template.headers.clone();
+    req.headers_mut().insert(header::HOST, target.host.clone());
+    req
+}
+
+/// `n` requests one after another on one keep-alive connection, each checked; the first
+/// failure ends the run. Without concurrency nothing is batched, so the forwarder does
+/// the same work for every request: what instruction counts need.
+pub async fn run_sequential(
+    target: &Target,
+    template: &RequestTemplate,
+    expect: Expect,
+    n: u64,
+) -> Result<(), String> {
+    let mut c = connect(target).await?;
+    for i in 0..n {
+        let req = request(target, template);
+        exchange(&mut c.sender, req, expect, Instant::now())
+            .await
+            .map_err(|e| format!("request {} of {n}: {e}", i + 1))?;
+    }
+    Ok(())
 }
 
 fn micros(d: Duration) -> u32 {

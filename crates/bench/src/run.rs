@@ -26,14 +26,14 @@ pub struct Config {
     pub setup: SetupOptions,
 }
 
-fn env_or(name: &str, default: &str) -> String {
+pub(crate) fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| default.to_owned())
 }
 
-fn env_num(name: &str, default: f64, min: f64, max: f64) -> Result<f64, String> {
+pub(crate) fn env_num(name: &str, default: f64, min: f64, max: f64) -> Result<f64, String> {
     let raw = env_or(name, &default.to_string());
     let v: f64 = raw
         .trim()
@@ -94,10 +94,6 @@ impl Config {
                 peers.insert(0, p.floor());
             }
         }
-        let default_bin = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join("provider-proxy")))
-            .unwrap_or_else(|| PathBuf::from("target/release/provider-proxy"));
         Ok(Config {
             seconds: env_num("BENCH_SECONDS", 2.0, 0.2, 600.0)?,
             warmup: env_num("BENCH_WARMUP", 0.75, 0.0, 60.0)?,
@@ -105,16 +101,25 @@ impl Config {
             scenarios,
             peers,
             out: std::env::var_os("BENCH_OUT").map(PathBuf::from),
-            setup: SetupOptions {
-                sidecar_bin: std::env::var_os("BENCH_SIDECAR_BIN")
-                    .map(PathBuf::from)
-                    .unwrap_or(default_bin),
-                sidecar_b_bin: std::env::var_os("BENCH_SIDECAR_B_BIN").map(PathBuf::from),
-                sidecar_log: env_or("BENCH_SIDECAR_LOG", "warn"),
-                nginx_workers: env_or("BENCH_NGINX_WORKERS", "auto"),
-                cheap_dante_hash: env_or("BENCH_DANTE_CRYPT", "sha512") != "system",
-            },
+            setup: setup_options(),
         })
+    }
+}
+
+/// What shapes the processes, from `BENCH_SIDECAR_BIN` and friends.
+pub(crate) fn setup_options() -> SetupOptions {
+    let default_bin = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("provider-proxy")))
+        .unwrap_or_else(|| PathBuf::from("target/release/provider-proxy"));
+    SetupOptions {
+        sidecar_bin: std::env::var_os("BENCH_SIDECAR_BIN")
+            .map(PathBuf::from)
+            .unwrap_or(default_bin),
+        sidecar_b_bin: std::env::var_os("BENCH_SIDECAR_B_BIN").map(PathBuf::from),
+        sidecar_log: env_or("BENCH_SIDECAR_LOG", "warn"),
+        nginx_workers: env_or("BENCH_NGINX_WORKERS", "auto"),
+        cheap_dante_hash: env_or("BENCH_DANTE_CRYPT", "sha512") != "system",
     }
 }
 

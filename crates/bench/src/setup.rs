@@ -174,7 +174,13 @@ impl Bench {
 
         // Upstream: nginx with the JSON answer, TLS, h1 + h2.
         let json_up = loopback(procs::free_port()?);
-        let conf = nginx_upstream_conf(&d.join("up"), json_up, &cert, &key, &opts.nginx_workers);
+        let conf = nginx_upstream_conf(
+            &d.join("up"),
+            json_up,
+            &cert,
+            &key,
+            NginxProcesses::Workers(&opts.nginx_workers),
+        );
         let mut nginx_up = spawn_nginx("nginx (upstream)", &d.join("up"), &conf)?;
         procs::wait_listening(json_up, START, Some(&mut nginx_up))?;
 
@@ -221,7 +227,7 @@ impl Bench {
             json_up,
             sse_up_addr,
             &ca,
-            &opts.nginx_workers,
+            NginxProcesses::Workers(&opts.nginx_workers),
         );
         let mut nginx_rp = spawn_nginx("nginx (reverse proxy)", &d.join("rp"), &conf)?;
         procs::wait_listening(nginx_rp_addr, START, Some(&mut nginx_rp))?;
@@ -279,7 +285,6 @@ impl Bench {
     /// (Re)start the sidecar on fresh ports; the previous one, if any, is killed first.
     pub fn start_sidecar(&mut self, run: SidecarRun) -> Result<(), String> {
         self.stop_sidecar();
-        let d = self.dir.path();
         self.sidecar_starts += 1;
         let addr = loopback(procs::free_port()?);
         let admin = loopback(procs::free_port()?);
@@ -288,8 +293,32 @@ impl Bench {
             (SidecarRun::BuildB, None) => return Err("no BENCH_SIDECAR_B_BIN to run".into()),
             _ => &self.sidecar_bin,
         };
-        let one_worker = run == SidecarRun::OneWorker;
-        let mut cmd = Command::new(bin);
+        let workers = if run == SidecarRun::OneWorker { 1 } else { 0 };
+        let cmd = self.sidecar_command(Command::new(bin), addr, admin, workers);
+        let log = self
+            .dir
+            .path()
+            .join(format!("sidecar-{}.log", self.sidecar_starts));
+        let mut guard = ProcGuard::spawn("sidecar", cmd, &log, false)?;
+        procs::wait_listening(addr, START, Some(&mut guard))?;
+        wait_ready(admin, START)?;
+        self.sidecar = Some(guard);
+        self.sidecar_addr = addr;
+        self.sidecar_admin = admin;
+        Ok(())
+    }
+
+    /// `cmd` (the sidecar binary, or a tool that runs it: its arguments so far) with the
+    /// sidecar's own arguments and environment: the bench manifests, `addr` and `admin`,
+    /// `workers` data-plane threads (0: one per core).
+    fn sidecar_command(
+        &self,
+        mut cmd: Command,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        workers: usize,
+    ) -> Command {
+        let d = self.dir.path();
         cmd.arg("sidecar")
             .arg("--config")
             .arg(d.join("manifests"))
@@ -298,17 +327,55 @@ impl Bench {
             .arg("--admin")
             .arg(admin.to_string())
             .arg("--worker-threads")
-            .arg(if one_worker { "1" } else { "0" })
+            .arg(workers.to_string())
             .env("SSL_CERT_FILE", d.join("ca.crt"))
             .env("RUST_LOG", &self.sidecar_log);
-        let log = d.join(format!("sidecar-{}.log", self.sidecar_starts));
-        let mut guard = ProcGuard::spawn("sidecar", cmd, &log, false)?;
-        procs::wait_listening(addr, START, Some(&mut guard))?;
-        wait_ready(admin)?;
-        self.sidecar = Some(guard);
-        self.sidecar_addr = addr;
-        self.sidecar_admin = admin;
-        Ok(())
+        cmd
+    }
+
+    /// The sidecar under `tool` (e.g. valgrind and its arguments), on fresh ports; returns
+    /// its data address once it is ready (within `timeout`: tools are slow to start).
+    pub fn spawn_sidecar_under(
+        &self,
+        tool: &[String],
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<(ProcGuard, SocketAddr), String> {
+        let (program, args) = tool
+            .split_first()
+            .ok_or("no tool to run the sidecar under")?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).arg(&self.sidecar_bin);
+        let addr = loopback(procs::free_port()?);
+        let admin = loopback(procs::free_port()?);
+        let cmd = self.sidecar_command(cmd, addr, admin, 0);
+        let mut guard = ProcGuard::spawn("sidecar", cmd, log, false)?;
+        procs::wait_listening(addr, timeout, Some(&mut guard))?;
+        wait_ready(admin, timeout)?;
+        Ok((guard, addr))
+    }
+
+    /// A second nginx reverse proxy, configured as the first but as one process (no
+    /// master, one worker), under `tool`; returns its address once it listens.
+    pub fn spawn_nginx_rp_under(
+        &self,
+        tool: &[String],
+        timeout: Duration,
+    ) -> Result<(ProcGuard, SocketAddr), String> {
+        let prefix = self.dir.path().join("rp-tool");
+        std::fs::create_dir_all(prefix.join("tmp")).map_err(|e| format!("mkdir: {e}"))?;
+        let addr = loopback(procs::free_port()?);
+        let conf = nginx_rp_conf(
+            &prefix,
+            addr,
+            self.json_up,
+            self.sse_up_addr,
+            &self.dir.path().join("ca.crt"),
+            NginxProcesses::Single,
+        );
+        let mut guard = spawn_nginx_under(tool, "nginx (reverse proxy, counted)", &prefix, &conf)?;
+        procs::wait_listening(addr, timeout, Some(&mut guard))?;
+        Ok((guard, addr))
     }
 
     pub fn stop_sidecar(&mut self) {
@@ -391,9 +458,9 @@ impl Bench {
     }
 }
 
-/// Poll the sidecar's `/readyz` until it answers 200 (config loaded), at most 15 s.
-fn wait_ready(admin: SocketAddr) -> Result<(), String> {
-    let deadline = std::time::Instant::now() + START;
+/// Poll the sidecar's `/readyz` until it answers 200 (config loaded), at most `timeout`.
+fn wait_ready(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
     loop {
         let ok = admin_get(admin, "/readyz").is_ok_and(|out| out.starts_with("HTTP/1.1 200"));
         if ok {
@@ -401,7 +468,7 @@ fn wait_ready(admin: SocketAddr) -> Result<(), String> {
         }
         if std::time::Instant::now() >= deadline {
             return Err(format!(
-                "sidecar not ready on http://{admin}/readyz after {START:?}"
+                "sidecar not ready on http://{admin}/readyz after {timeout:?}"
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -409,9 +476,26 @@ fn wait_ready(admin: SocketAddr) -> Result<(), String> {
 }
 
 fn spawn_nginx(name: &str, prefix: &Path, conf: &str) -> Result<ProcGuard, String> {
+    spawn_nginx_under(&[], name, prefix, conf)
+}
+
+/// nginx with `conf`, run by `tool` (its command line; empty: nginx itself).
+fn spawn_nginx_under(
+    tool: &[String],
+    name: &str,
+    prefix: &Path,
+    conf: &str,
+) -> Result<ProcGuard, String> {
     let path = prefix.join("nginx.conf");
     std::fs::write(&path, conf).map_err(|e| format!("write {}: {e}", path.display()))?;
-    let mut cmd = Command::new("nginx");
+    let mut cmd = match tool.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg("nginx");
+            c
+        }
+        None => Command::new("nginx"),
+    };
     cmd.arg("-p")
         .arg(prefix)
         .arg("-c")
@@ -438,10 +522,23 @@ fn spawn_nginx(name: &str, prefix: &Path, conf: &str) -> Result<ProcGuard, Strin
     ProcGuard::spawn(name, cmd, &prefix.join("nginx.out"), false)
 }
 
-fn nginx_common(prefix: &Path, workers: &str) -> String {
+/// How an nginx instance runs.
+#[derive(Clone, Copy)]
+enum NginxProcesses<'a> {
+    /// A master and `worker_processes` workers (`auto` or a number).
+    Workers(&'a str),
+    /// One process doing everything (for a tool that follows one process).
+    Single,
+}
+
+fn nginx_common(prefix: &Path, processes: NginxProcesses) -> String {
     let p = prefix.display();
+    let (master, workers) = match processes {
+        NginxProcesses::Workers(w) => ("on", w),
+        NginxProcesses::Single => ("off", "1"),
+    };
     format!(
-        "daemon off;\nmaster_process on;\nuser root;\nworker_processes {workers};\n\
+        "daemon off;\nmaster_process {master};\nuser root;\nworker_processes {workers};\n\
          worker_rlimit_nofile 65536;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\n\
          events {{ worker_connections 16384; multi_accept on; }}\n"
     )
@@ -462,9 +559,9 @@ fn nginx_upstream_conf(
     listen: SocketAddr,
     cert: &Path,
     key: &Path,
-    workers: &str,
+    processes: NginxProcesses,
 ) -> String {
-    let mut c = nginx_common(prefix, workers);
+    let mut c = nginx_common(prefix, processes);
     c.push_str("http {\n");
     c.push_str(&nginx_http_common(prefix));
     let _ = write!(
@@ -489,9 +586,9 @@ fn nginx_rp_conf(
     json_up: SocketAddr,
     sse_up: SocketAddr,
     ca: &Path,
-    workers: &str,
+    processes: NginxProcesses,
 ) -> String {
-    let mut c = nginx_common(prefix, workers);
+    let mut c = nginx_common(prefix, processes);
     c.push_str("http {\n");
     c.push_str(&nginx_http_common(prefix));
     for (name, addr) in [("json_up", json_up), ("sse_up", sse_up)] {

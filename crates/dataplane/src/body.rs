@@ -153,32 +153,36 @@ pub enum Outcome {
     ClientGone,
 }
 
-/// Called once when the response body is over.
-pub type OnFinish = Box<dyn FnOnce(Outcome, u64) + Send>;
+/// Runs once when a response body is over, with how it ended and the bytes it carried.
+pub trait Finish: Send + Unpin + 'static {
+    fn finish(self, outcome: Outcome, bytes: u64);
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct StreamError(pub String);
 
-pub struct ObservedBody {
+pub struct ObservedBody<F: Finish> {
     inner: UpstreamBody,
     body_timeout: Duration,
     /// Fires at most `body_timeout` after `last_chunk`. Re-armed only when it fires early,
     /// not on every chunk: a streaming answer sends thousands of small chunks. Made on the
     /// first wait only: a short answer usually arrives with its headers and never waits.
     silence: Option<Pin<Box<Sleep>>>,
-    last_chunk: Instant,
+    /// When the last chunk came, or, before any, the first wait began (the clock is not
+    /// read for a body that never waits, nor for its last chunk).
+    last_chunk: Option<Instant>,
     bytes: u64,
-    on_finish: Option<OnFinish>,
+    on_finish: Option<F>,
 }
 
-impl ObservedBody {
-    pub fn new(inner: UpstreamBody, body_timeout: Duration, on_finish: OnFinish) -> Self {
+impl<F: Finish> ObservedBody<F> {
+    pub fn new(inner: UpstreamBody, body_timeout: Duration, on_finish: F) -> Self {
         Self {
             inner,
             body_timeout,
             silence: None,
-            last_chunk: Instant::now(),
+            last_chunk: None,
             bytes: 0,
             on_finish: Some(on_finish),
         }
@@ -186,12 +190,12 @@ impl ObservedBody {
 
     fn finish(&mut self, outcome: Outcome) {
         if let Some(f) = self.on_finish.take() {
-            f(outcome, self.bytes);
+            f.finish(outcome, self.bytes);
         }
     }
 }
 
-impl Body for ObservedBody {
+impl<F: Finish> Body for ObservedBody<F> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -205,11 +209,12 @@ impl Body for ObservedBody {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
                 }
-                this.last_chunk = Instant::now();
                 if this.inner.is_end_stream() {
                     // The last chunk: finish now, before the client sees it, so the
                     // upstream connection is idle again when its next request arrives.
                     this.finish(Outcome::Complete);
+                } else {
+                    this.last_chunk = Some(Instant::now());
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -229,14 +234,13 @@ impl Body for ObservedBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                let last_chunk = *this.last_chunk.get_or_insert_with(Instant::now);
                 let silence = this.silence.get_or_insert_with(|| {
-                    Box::pin(tokio::time::sleep_until(
-                        this.last_chunk + this.body_timeout,
-                    ))
+                    Box::pin(tokio::time::sleep_until(last_chunk + this.body_timeout))
                 });
                 loop {
                     ready!(silence.as_mut().poll(cx));
-                    let deadline = this.last_chunk + this.body_timeout;
+                    let deadline = this.last_chunk.unwrap_or(last_chunk) + this.body_timeout;
                     if deadline <= Instant::now() {
                         break;
                     }
@@ -260,7 +264,7 @@ impl Body for ObservedBody {
     }
 }
 
-impl Drop for ObservedBody {
+impl<F: Finish> Drop for ObservedBody<F> {
     fn drop(&mut self) {
         if self.inner.is_end_stream() {
             self.finish(Outcome::Complete);

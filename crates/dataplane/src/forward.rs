@@ -7,15 +7,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use provider_proxy_api::{Provider, ProxyScheme, Snapshot, UpstreamUrl};
 
-use crate::body::{BodySlot, ObservedBody, Outcome};
+use crate::body::{BodySlot, Finish, ObservedBody, Outcome};
 use crate::config::ConfigStore;
 use crate::error::{ConnectError, ErrorClass};
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::pool::{AgentLease, AgentPool, Path, SendError, UpstreamBody};
+use crate::pool::{AgentLease, AgentPool, Path, RequestBody, SendError, UpstreamBody};
 pub use crate::route::Route;
 use crate::route::{PROTOCOLS, ProviderRoute};
 
@@ -28,9 +28,89 @@ pub const ROUTE_HEADER: &str = "x-provider-proxy-route";
 const ROUTE_HEADER_NAME: HeaderName = HeaderName::from_static(ROUTE_HEADER);
 
 /// The sidecar's response body: a short JSON error, or the upstream's stream.
+// The stream is the common case, and boxing it would bring back the allocation per
+// request that `Completion` saves; the body is moved a few times, not copied per chunk.
+#[allow(clippy::large_enum_variant)]
 pub enum ResponseBody {
     Full(Full<Bytes>),
-    Stream(ObservedBody),
+    Stream(ObservedBody<Completion>),
+}
+
+/// What a proxied request's metrics and log line need once its response body is over.
+/// A named type rather than a boxed closure: no allocation per request.
+pub struct Completion {
+    metrics: Arc<Metrics>,
+    pool: Arc<AgentPool>,
+    sent: BodySlot,
+    entry: Arc<ProviderRoute>,
+    lease: AgentLease,
+    in_flight: GaugeGuard,
+    route: Route,
+    status: StatusCode,
+    /// Index into [`PROTOCOLS`].
+    protocol: usize,
+    method: Method,
+    log_uri: Uri,
+    fallback_cause: Option<ErrorClass>,
+    started: Instant,
+}
+
+impl Finish for Completion {
+    fn finish(self, outcome: Outcome, bytes: u64) {
+        let Self {
+            metrics,
+            pool,
+            sent,
+            entry,
+            lease,
+            in_flight,
+            route,
+            status,
+            protocol,
+            method,
+            log_uri,
+            fallback_cause,
+            started,
+        } = self;
+        let class = match outcome {
+            Outcome::Failed(c) => Some(c),
+            _ => None,
+        };
+        if let Outcome::Failed(ErrorClass::Http2) = outcome {
+            pool.mark_unhealthy(lease.agent());
+        }
+        let provider = &entry.provider;
+        // A stream that broke on the proxy path is a proxy failure too (counted, never
+        // retried: bytes already reached the upstream).
+        if let (Some(c), Route::Proxy) = (class, route) {
+            metrics
+                .proxy_failures
+                .with_label_values(&[&provider.name, c.as_str()])
+                .inc();
+        }
+        drop(lease);
+        drop(in_flight);
+        let pm = &entry.metrics;
+        pm.requests(&metrics, route, status, protocol).inc();
+        pm.duration(&metrics, route)
+            .observe(started.elapsed().as_secs_f64());
+        pm.response_bytes(&metrics).inc_by(bytes);
+        pm.request_bytes(&metrics).inc_by(sent.bytes_sent());
+        log_line(
+            provider,
+            &method,
+            split_provider(log_uri.path()).1,
+            status,
+            route,
+            fallback_cause,
+            class,
+            outcome == Outcome::ClientGone,
+            PROTOCOLS[protocol],
+            bytes,
+            sent.bytes_sent(),
+            started,
+        );
+    }
 }
 
 impl http_body::Body for ResponseBody {
@@ -222,53 +302,24 @@ impl Forwarder {
                     .metrics
                     .first_byte(&self.metrics, route)
                     .observe(started.elapsed().as_secs_f64());
-                // Everything the log line needs moves into the completion hook, which runs
-                // once when the body ends, fails, or the client goes away.
-                let metrics = self.metrics.clone();
-                let pool = self.pool.clone();
-                let sent = slot.clone();
-                let entry2 = entry.clone();
-                let on_finish = Box::new(move |outcome: Outcome, bytes: u64| {
-                    let class = match outcome {
-                        Outcome::Failed(c) => Some(c),
-                        _ => None,
-                    };
-                    if let Outcome::Failed(ErrorClass::Http2) = outcome {
-                        pool.mark_unhealthy(lease.agent());
-                    }
-                    let provider = &entry2.provider;
-                    // A stream that broke on the proxy path is a proxy failure too (counted,
-                    // never retried: bytes already reached the upstream).
-                    if let (Some(c), Route::Proxy) = (class, route) {
-                        metrics
-                            .proxy_failures
-                            .with_label_values(&[&provider.name, c.as_str()])
-                            .inc();
-                    }
-                    drop(lease);
-                    drop(in_flight);
-                    let pm = &entry2.metrics;
-                    pm.requests(&metrics, route, status, protocol).inc();
-                    pm.duration(&metrics, route)
-                        .observe(started.elapsed().as_secs_f64());
-                    pm.response_bytes(&metrics).inc_by(bytes);
-                    pm.request_bytes(&metrics).inc_by(sent.bytes_sent());
-                    log_line(
-                        provider,
-                        &method,
-                        split_provider(log_uri.path()).1,
-                        status,
-                        route,
-                        fallback_cause,
-                        class,
-                        outcome == Outcome::ClientGone,
-                        PROTOCOLS[protocol],
-                        bytes,
-                        sent.bytes_sent(),
-                        started,
-                    );
-                });
-                let body = ObservedBody::new(rbody, provider.timeouts.body, on_finish);
+                // Everything the log line needs moves into the body, whose end (or failure,
+                // or the client going away) completes the request.
+                let done = Completion {
+                    metrics: self.metrics.clone(),
+                    pool: self.pool.clone(),
+                    sent: slot,
+                    entry,
+                    lease,
+                    in_flight,
+                    route,
+                    status,
+                    protocol,
+                    method,
+                    log_uri,
+                    fallback_cause,
+                    started,
+                };
+                let body = ObservedBody::new(rbody, provider.timeouts.body, done);
                 Response::from_parts(rparts, ResponseBody::Stream(body))
             }
             Attempt::NotSent(e) => {
@@ -338,7 +389,7 @@ impl Forwarder {
             Ok(l) => l,
             Err(e) => return Attempt::NotSent(e),
         };
-        let mut req = Request::new(slot.attempt().boxed_unsync());
+        let mut req = Request::new(RequestBody::Left(slot.attempt()));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;

@@ -4,12 +4,12 @@
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, header};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use provider_proxy_api::Provider;
 
 use crate::error::{ConnectError, ErrorClass};
 use crate::forward::upstream_path;
-use crate::pool::{AgentPool, Path, SendError};
+use crate::pool::{AgentPool, Path, RequestBody, SendError};
 
 /// What a probe found. `proxy` is masked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +77,7 @@ async fn run(pool: &AgentPool, provider: &Provider, path: Path) -> Result<u16, C
     let uri = upstream_path(&provider.upstream, &provider.probe_path, None)
         .map_err(|m| ConnectError::new(ErrorClass::ConnectIo, m))?;
     let lease = pool.checkout(provider, path)?;
-    let mut req = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
+    let mut req = Request::new(RequestBody::Right(Empty::new()));
     *req.method_mut() = Method::GET;
     *req.uri_mut() = uri;
     req.headers_mut().insert(

@@ -173,7 +173,7 @@ impl SnapshotClient {
             }
         })?;
         let current = self.store.snapshot().version;
-        let mut req = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
+        let mut req = Request::new(RequestBody::Right(Empty::new()));
         *req.uri_mut() = self.path.clone();
         req.headers_mut().insert(header::HOST, self.host.clone());
         let bearer = header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))

@@ -648,7 +648,7 @@ mod tests {
     }
 
     fn get() -> Request<RequestBody> {
-        let mut req = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
+        let mut req = Request::new(RequestBody::Right(Empty::new()));
         *req.uri_mut() = Uri::from_static("/v1/messages");
         req
     }
