@@ -579,17 +579,42 @@ pub fn upstream_path(
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the legacy ones clients still send;
 /// `Connection` first (its bit is read on its own). The client's own
 /// `Proxy-Authorization` never leaves the pod.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+const HOP_BY_HOP_NAMES: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
+const HOP_BY_HOP: [HeaderName; 9] = {
+    let n = HOP_BY_HOP_NAMES;
+    [
+        HeaderName::from_static(n[0]),
+        HeaderName::from_static(n[1]),
+        HeaderName::from_static(n[2]),
+        HeaderName::from_static(n[3]),
+        HeaderName::from_static(n[4]),
+        HeaderName::from_static(n[5]),
+        HeaderName::from_static(n[6]),
+        HeaderName::from_static(n[7]),
+        HeaderName::from_static(n[8]),
+    ]
+};
+
+/// Bit `n` set: some name in [`HOP_BY_HOP`] is `n` bytes long.
+const HOP_BY_HOP_LENGTHS: u32 = {
+    let mut bits = 0u32;
+    let mut i = 0;
+    while i < HOP_BY_HOP_NAMES.len() {
+        bits |= 1 << HOP_BY_HOP_NAMES[i].len();
+        i += 1;
+    }
+    bits
+};
 
 /// Remove the hop-by-hop headers, plus any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -598,7 +623,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // (removing all nine by name cost ten hash lookups per response).
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        // Most names are ruled out by their length alone.
+        let len = name.as_str().len();
+        if len < 32
+            && HOP_BY_HOP_LENGTHS & (1 << len) != 0
+            && let Some(i) = HOP_BY_HOP.iter().position(|h| h == name)
+        {
             present |= 1 << i;
         }
     }
@@ -753,5 +783,31 @@ mod tests {
         }
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+
+        // Every hop-by-hop name goes, in any case, among names of the same lengths that stay.
+        let mut h = HeaderMap::new();
+        for n in HOP_BY_HOP_NAMES {
+            h.insert(
+                HeaderName::from_bytes(n.to_uppercase().as_bytes()).unwrap(),
+                HeaderValue::from_static("x"),
+            );
+            let same_length = "x".repeat(n.len());
+            h.insert(
+                HeaderName::from_bytes(same_length.as_bytes()).unwrap(),
+                HeaderValue::from_static("kept"),
+            );
+        }
+        h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        let mut want: Vec<String> = HOP_BY_HOP_NAMES
+            .iter()
+            .map(|n| "x".repeat(n.len()))
+            .collect();
+        want.push("anthropic-version".into());
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(left, want);
     }
 }

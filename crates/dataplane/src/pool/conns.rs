@@ -49,6 +49,10 @@ use crate::error::{ConnectError, ErrorClass};
 /// very moment; hyper hands such a request back unsent, and it is tried on another one.
 const SEND_ATTEMPTS: usize = 3;
 
+/// An idle connection parked more recently than this is taken without asking whether the
+/// upstream closed it (see [`ConnSet::take_usable`]).
+const FRESH: Duration = Duration::from_millis(1);
+
 /// How a request failed.
 #[derive(Debug)]
 pub enum SendError {
@@ -321,8 +325,10 @@ impl ConnSet {
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let shard = self.current_shard();
+        // After a connection turned out closed, look at every idle one (see `take_usable`).
+        let mut careful = false;
         for _ in 0..SEND_ATTEMPTS {
-            match self.checkout(shard, deadline).await? {
+            match self.checkout(shard, deadline, careful).await? {
                 Sender::H1(mut conn) => {
                     // A new connection is ready once its I/O ran.
                     if !conn.sender.is_ready() {
@@ -353,7 +359,10 @@ impl ConnSet {
                             return Ok(resp.map(|body| UpstreamBody { body, conn }));
                         }
                         Some(Err(mut e)) => match e.take_message() {
-                            Some(back) => req = back,
+                            Some(back) => {
+                                req = back;
+                                careful = true;
+                            }
                             None => return Err(SendError::Http(e.into_error())),
                         },
                     }
@@ -368,7 +377,10 @@ impl ConnSet {
                             return Ok(resp.map(|body| UpstreamBody { body, conn }));
                         }
                         Err(mut e) => match e.take_message() {
-                            Some(back) => req = back,
+                            Some(back) => {
+                                req = back;
+                                careful = true;
+                            }
                             None => return Err(SendError::Http(e.into_error())),
                         },
                     }
@@ -401,10 +413,11 @@ impl ConnSet {
         self: &Arc<Self>,
         shard: usize,
         deadline: Instant,
+        careful: bool,
     ) -> Result<Sender, SendError> {
         let rx = {
             let mut st = self.lock(shard);
-            if let Some(s) = self.take_usable(&mut st) {
+            if let Some(s) = self.take_usable(&mut st, careful) {
                 return Ok(s);
             }
             let (tx, rx) = oneshot::channel();
@@ -430,7 +443,13 @@ impl ConnSet {
         }
     }
 
-    fn take_usable(&self, st: &mut State) -> Option<Sender> {
+    /// The shared h2 connection, or the most recently parked idle h1 connection that is
+    /// still open. Whether the upstream closed an idle connection is only asked of those
+    /// idle for at least [`FRESH`], or of all when `careful`: asking means polling the
+    /// connection's I/O, ~2 % of a request's instructions, for a connection handed back
+    /// microseconds ago; and if one the upstream closed slips through, its first poll in
+    /// `send` finds it closed and hands the request back unsent, and the next try is careful.
+    fn take_usable(&self, st: &mut State, careful: bool) -> Option<Sender> {
         if let Some(h2) = &st.h2 {
             if !h2.is_closed() {
                 return Some(Sender::H2(h2.clone()));
@@ -438,7 +457,8 @@ impl ConnSet {
             st.h2 = None;
         }
         while let Some(mut idle) = st.idle.pop() {
-            if idle.since.elapsed() >= self.settings.idle_timeout {
+            let idle_for = idle.since.elapsed();
+            if idle_for >= self.settings.idle_timeout {
                 // The rest are older still.
                 st.idle.clear();
                 break;
@@ -446,7 +466,7 @@ impl ConnSet {
             // Not `is_ready`: a new connection whose I/O has not run yet is not ready but
             // perfectly usable (`send` waits for it). Dropping those cost the single-threaded
             // sidecar 462 connections for 256 clients in the benchmark.
-            if !idle.conn.closed_while_idle() {
+            if (idle_for < FRESH && !careful) || !idle.conn.closed_while_idle() {
                 return Some(Sender::H1(idle.conn));
             }
         }
@@ -759,6 +779,28 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         set.reap_idle();
         assert_eq!(set.lock(0).idle.len(), 0);
+    }
+
+    /// Connections parked a moment ago are taken without the idle check; when the upstream
+    /// did close one, the request comes back unsent and the next try checks every idle
+    /// connection, so even a pool full of closed fresh connections costs no 502.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_closed_connection_taken_fresh_hands_the_request_back_and_the_retry_checks() {
+        let upstream = ClosingUpstream::start().await;
+        let set = conns_to(&format!("http://{}", upstream.addr));
+        let (a, b, c, d) = tokio::join!(ok(&set), ok(&set), ok(&set), ok(&set));
+        for r in [a, b, c, d] {
+            assert_eq!(r.unwrap(), "ok");
+        }
+        upstream.close_all();
+        // Let the reactor see the closes, then make the connections look just parked.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for idle in &mut set.lock(0).idle {
+            idle.since = Instant::now();
+        }
+        assert_eq!(ok(&set).await.unwrap(), "ok");
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 5);
+        assert_eq!(set.lock(0).idle.len(), 1, "the closed ones are gone");
     }
 
     /// The headers timer lives as long as the connection. Armed for one request's deadline,

@@ -11,7 +11,7 @@ mod conns;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -77,15 +77,46 @@ pub enum Path {
 }
 
 /// What identifies an agent. `Debug` shows no credentials: only origins and a keyed hash.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PoolKey {
     upstream: String,
     proxy: Option<String>,
-    /// Keyed hash of credentials, CAs and connect timeout: anything that changes what a
-    /// connection is, without keeping the secret itself in the key.
+    /// Keyed hash of everything that makes a connection what it is (upstream, proxy with
+    /// its credentials, CAs, connect timeout, h2), without keeping the secret in the key.
     fingerprint: u64,
     h2: bool,
 }
+
+/// By the fingerprint alone: it already covers every field, and hashing the key's
+/// strings again on every checkout cost more than the map lookup itself.
+impl Hash for PoolKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.fingerprint);
+    }
+}
+
+/// Passes a [`PoolKey`]'s fingerprint through (it is a keyed hash already).
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `PoolKey`; anything else still spreads.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type AgentMap = HashMap<PoolKey, Arc<Agent>, BuildHasherDefault<FingerprintHasher>>;
 
 impl fmt::Debug for PoolKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -215,7 +246,7 @@ pub struct AgentCounts {
 }
 
 pub struct AgentPool {
-    agents: Mutex<HashMap<PoolKey, Arc<Agent>>>,
+    agents: Mutex<AgentMap>,
     settings: PoolSettings,
     roots: TrustRoots,
     observer: Arc<dyn ConnectObserver>,
@@ -233,7 +264,7 @@ impl AgentPool {
         observer: Arc<dyn ConnectObserver>,
     ) -> Self {
         Self {
-            agents: Mutex::new(HashMap::new()),
+            agents: Mutex::new(AgentMap::default()),
             settings,
             roots,
             observer,
@@ -260,7 +291,7 @@ impl AgentPool {
         &self.stats
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Arc<Agent>>> {
+    fn lock(&self) -> MutexGuard<'_, AgentMap> {
         // A panic while holding this lock cannot leave the map inconsistent (single
         // inserts and removes), so a poisoned lock is still usable.
         self.agents.lock().unwrap_or_else(|p| p.into_inner())
@@ -277,6 +308,9 @@ impl AgentPool {
             Path::Direct => None,
         };
         let mut h = self.hasher.build_hasher();
+        let upstream = provider.upstream.origin();
+        upstream.hash(&mut h);
+        provider.http2.hash(&mut h);
         if let Some(p) = proxy {
             p.url.to_credentialed_string().hash(&mut h);
             p.ca.as_ref().map(|c| c.pem()).hash(&mut h);
@@ -284,7 +318,7 @@ impl AgentPool {
         provider.upstream_ca.as_ref().map(|c| c.pem()).hash(&mut h);
         provider.timeouts.connect.hash(&mut h);
         PoolKey {
-            upstream: provider.upstream.origin(),
+            upstream,
             proxy: proxy.map(|p| p.url.origin()),
             fingerprint: h.finish(),
             h2: provider.http2,
@@ -342,7 +376,7 @@ impl AgentPool {
 
     /// Evict the least recently used agent, preferring idle ones. A busy agent can be
     /// evicted too (the pool is never "full"): its requests finish on it regardless.
-    fn evict_lru(&self, agents: &mut HashMap<PoolKey, Arc<Agent>>) {
+    fn evict_lru(&self, agents: &mut AgentMap) {
         let victim = agents
             .values()
             .min_by_key(|a| (a.in_flight() > 0, a.last_used_ms.load(Ordering::Relaxed)))
