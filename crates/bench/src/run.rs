@@ -66,7 +66,8 @@ impl Config {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let peer_keys = env_or("BENCH_PEERS", &Peer::DEFAULT.map(Peer::key).join(","));
+        let default_peers: Vec<&str> = Peer::DEFAULT.iter().map(|p| p.key()).collect();
+        let peer_keys = env_or("BENCH_PEERS", &default_peers.join(","));
         let mut peers = Vec::new();
         for k in peer_keys.split(',').map(str::trim) {
             let p = Peer::ALL
