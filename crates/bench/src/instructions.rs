@@ -100,7 +100,7 @@ pub fn main() -> Result<(), String> {
             .path()
             .join(format!("{}-callgrind.log", fwd.key()));
         let (guard, addr) = match fwd {
-            Counted::Nginx => bench.spawn_nginx_rp_under(&tool, START)?,
+            Counted::Nginx => bench.spawn_nginx_rp_under(&tool, &log, START)?,
             Counted::Sidecar(_) => bench.spawn_sidecar_under(&tool, &log, START)?,
         };
         let target = Target {
@@ -111,9 +111,10 @@ pub fn main() -> Result<(), String> {
             path: fwd.path().parse().map_err(|e| format!("path: {e}"))?,
             host: addr.to_string().parse().map_err(|e| format!("host: {e}"))?,
         };
-        let ir = rt.block_on(count(&guard, &target, &template, expect, warmup, requests))?;
-        let ir = ir.and_then(|()| latest_dump_total(&profile, guard.pid()));
-        let ir = ir.map_err(|e| format!("{}: {e} (log: {})", fwd.label(), log.display()))?;
+        let ir = rt
+            .block_on(count(&guard, &target, &template, expect, warmup, requests))
+            .and_then(|()| latest_dump_total(&profile, guard.pid()))
+            .map_err(|e| format!("{}: {e} (log: {})", fwd.label(), log.display()))?;
         let per_request = ir as f64 / requests as f64;
         eprintln!("  {:<28} {per_request:.0} instructions per request", "");
         rows.push((fwd, per_request));
@@ -139,11 +140,11 @@ async fn count(
     expect: Expect,
     warmup: u64,
     requests: u64,
-) -> Result<Result<(), String>, String> {
+) -> Result<(), String> {
     load::run_sequential(target, template, expect, warmup).await?;
     callgrind_control("-z", guard.pid())?;
     load::run_sequential(target, template, expect, requests).await?;
-    Ok(callgrind_control("-d", guard.pid()))
+    callgrind_control("-d", guard.pid())
 }
 
 fn callgrind_control(flag: &str, pid: u32) -> Result<(), String> {

@@ -360,6 +360,7 @@ impl Bench {
     pub fn spawn_nginx_rp_under(
         &self,
         tool: &[String],
+        log: &Path,
         timeout: Duration,
     ) -> Result<(ProcGuard, SocketAddr), String> {
         let prefix = self.dir.path().join("rp-tool");
@@ -373,7 +374,8 @@ impl Bench {
             &self.dir.path().join("ca.crt"),
             NginxProcesses::Single,
         );
-        let mut guard = spawn_nginx_under(tool, "nginx (reverse proxy, counted)", &prefix, &conf)?;
+        let name = "nginx (reverse proxy, counted)";
+        let mut guard = spawn_nginx_under(tool, name, &prefix, &conf, log)?;
         procs::wait_listening(addr, timeout, Some(&mut guard))?;
         Ok((guard, addr))
     }
@@ -476,15 +478,17 @@ fn wait_ready(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
 }
 
 fn spawn_nginx(name: &str, prefix: &Path, conf: &str) -> Result<ProcGuard, String> {
-    spawn_nginx_under(&[], name, prefix, conf)
+    spawn_nginx_under(&[], name, prefix, conf, &prefix.join("nginx.out"))
 }
 
-/// nginx with `conf`, run by `tool` (its command line; empty: nginx itself).
+/// nginx with `conf`, run by `tool` (its command line; empty: nginx itself), its output
+/// to `log`.
 fn spawn_nginx_under(
     tool: &[String],
     name: &str,
     prefix: &Path,
     conf: &str,
+    log: &Path,
 ) -> Result<ProcGuard, String> {
     let path = prefix.join("nginx.conf");
     std::fs::write(&path, conf).map_err(|e| format!("write {}: {e}", path.display()))?;
@@ -519,7 +523,7 @@ fn spawn_nginx_under(
             String::from_utf8_lossy(&check.stderr)
         ));
     }
-    ProcGuard::spawn(name, cmd, &prefix.join("nginx.out"), false)
+    ProcGuard::spawn(name, cmd, log, false)
 }
 
 /// How an nginx instance runs.

@@ -95,7 +95,8 @@ impl Finish for Completion {
         pm.duration(&metrics, route)
             .observe(started.elapsed().as_secs_f64());
         pm.response_bytes(&metrics).inc_by(bytes);
-        pm.request_bytes(&metrics).inc_by(sent.bytes_sent());
+        let sent = sent.bytes_sent();
+        pm.request_bytes(&metrics).inc_by(sent);
         log_line(
             provider,
             &method,
@@ -107,7 +108,7 @@ impl Finish for Completion {
             outcome == Outcome::ClientGone,
             PROTOCOLS[protocol],
             bytes,
-            sent.bytes_sent(),
+            sent,
             started,
         );
     }

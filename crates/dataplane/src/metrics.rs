@@ -246,8 +246,6 @@ impl ConnectObserver for Metrics {
     }
 }
 
-/// Reads the pool's atomics when Prometheus scrapes. Holds the pool weakly: the pool
-/// holds these metrics (as its connect observer), and a cycle would leak both.
 /// `provider_proxy_log_lines_dropped_total`, read from `count` at scrape time; both
 /// binaries export it.
 pub fn log_drops_collector(count: Arc<dyn Fn() -> u64 + Send + Sync>) -> Box<dyn Collector> {
@@ -275,6 +273,8 @@ impl Collector for LogDropsCollector {
     }
 }
 
+/// Reads the pool's atomics when Prometheus scrapes. Holds the pool weakly: the pool
+/// holds these metrics (as its connect observer), and a cycle would leak both.
 struct PoolCollector {
     pool: std::sync::Weak<AgentPool>,
     agents: IntGaugeVec,
