@@ -54,10 +54,11 @@ impl Counted {
         }
     }
 
-    fn path(self) -> String {
+    /// `kind`: `json` or `sse`.
+    fn path(self, kind: &str) -> String {
         match self {
-            Counted::Nginx => "/json/v1/messages".into(),
-            Counted::Sidecar(p) => format!("/json-{}/v1/messages", p.as_str()),
+            Counted::Nginx => format!("/{kind}/v1/messages"),
+            Counted::Sidecar(p) => format!("/{kind}-{}/v1/messages", p.as_str()),
         }
     }
 }
@@ -68,26 +69,39 @@ pub fn main() -> Result<(), String> {
             return Err(format!("{tool} not found: apt-get install valgrind"));
         }
     }
-    let requests = env_num("BENCH_INSTR_REQUESTS", 2000.0, 10.0, 1e6)? as u64;
-    let warmup = env_num("BENCH_INSTR_WARMUP", 200.0, 1.0, 1e6)? as u64;
+    let json = Leg {
+        kind: "json",
+        template: RequestTemplate::new(false),
+        expect: Expect::Json {
+            len: setup::json_answer().len(),
+        },
+        warmup: env_num("BENCH_INSTR_WARMUP", 200.0, 1.0, 1e6)? as u64,
+        counted: env_num("BENCH_INSTR_REQUESTS", 2000.0, 10.0, 1e6)? as u64,
+    };
+    let sse = Leg {
+        kind: "sse",
+        template: RequestTemplate::new(true),
+        expect: Expect::Sse {
+            events: crate::sse::EVENTS,
+        },
+        warmup: 10,
+        counted: env_num("BENCH_INSTR_STREAMS", 100.0, 1.0, 1e5)? as u64,
+    };
     let out = std::env::var_os("BENCH_OUT").map(PathBuf::from);
+    let keep = std::env::var_os("BENCH_INSTR_PROFILES").map(PathBuf::from);
+    if let Some(dir) = &keep {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     eprintln!("bench: starting nginx (upstream), Squid, Dante …");
     let bench = Bench::start(&setup_options())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let template = RequestTemplate::new(false);
-    let expect = Expect::Json {
-        len: setup::json_answer().len(),
-    };
 
     let mut rows = Vec::new();
     for fwd in Counted::ALL {
-        eprintln!(
-            "  {:<28} under callgrind: {warmup} requests warm-up, {requests} counted",
-            fwd.label()
-        );
+        eprintln!("  {:<28} under callgrind", fwd.label());
         let profile = bench.dir.path().join(format!("callgrind-{}", fwd.key()));
         let tool = vec![
             "valgrind".to_owned(),
@@ -103,25 +117,56 @@ pub fn main() -> Result<(), String> {
             Counted::Nginx => bench.spawn_nginx_rp_under(&tool, &log, START)?,
             Counted::Sidecar(_) => bench.spawn_sidecar_under(&tool, &log, START)?,
         };
-        let target = Target {
-            connect: addr,
-            via: Via::Direct,
-            upstream: bench.json_up,
-            tls: None,
-            path: fwd.path().parse().map_err(|e| format!("path: {e}"))?,
-            host: addr.to_string().parse().map_err(|e| format!("host: {e}"))?,
-        };
-        let ir = rt
-            .block_on(count(&guard, &target, &template, expect, warmup, requests))
-            .and_then(|()| latest_dump_total(&profile, guard.pid()))
-            .map_err(|e| format!("{}: {e} (log: {})", fwd.label(), log.display()))?;
-        let per_request = ir as f64 / requests as f64;
-        eprintln!("  {:<28} {per_request:.0} instructions per request", "");
-        rows.push((fwd, per_request));
+        let mut per_leg = [0.0; 2];
+        for (leg, per) in [&json, &sse].into_iter().zip(&mut per_leg) {
+            let path = fwd.path(leg.kind);
+            let target = Target {
+                connect: addr,
+                via: Via::Direct,
+                upstream: if leg.kind == "sse" {
+                    bench.sse_up_addr
+                } else {
+                    bench.json_up
+                },
+                tls: None,
+                path: path.parse().map_err(|e| format!("path {path}: {e}"))?,
+                host: addr.to_string().parse().map_err(|e| format!("host: {e}"))?,
+            };
+            let (ir, dump) = rt
+                .block_on(count(&guard, &target, leg))
+                .and_then(|()| latest_dump(&profile, guard.pid()))
+                .map_err(|e| {
+                    format!(
+                        "{} ({}): {e} (log: {})",
+                        fwd.label(),
+                        leg.kind,
+                        log.display()
+                    )
+                })?;
+            *per = ir as f64 / leg.counted as f64;
+            eprintln!(
+                "  {:<28} {}: {:.0} instructions per request",
+                "", leg.kind, *per
+            );
+            if let Some(dir) = &keep {
+                let kept = dir.join(format!("callgrind.{}.{}.out", fwd.key(), leg.kind));
+                std::fs::copy(&dump, &kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+                eprintln!(
+                    "  {:<28} profile: callgrind_annotate --inclusive=yes {}",
+                    "",
+                    kept.display()
+                );
+            }
+        }
+        rows.push(Row {
+            fwd,
+            json: per_leg[0],
+            sse_stream: per_leg[1],
+        });
         drop(guard);
     }
 
-    let md = render(&rows, requests, warmup);
+    let md = render(&rows, &json, &sse);
     println!("\n{md}");
     if let Some(dir) = out {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -132,18 +177,29 @@ pub fn main() -> Result<(), String> {
     Ok(())
 }
 
-/// Warm up, zero the counters, send `requests`, dump.
-async fn count(
-    guard: &ProcGuard,
-    target: &Target,
-    template: &RequestTemplate,
+/// What one leg of the count sends: `warmup` exchanges, then `counted` ones between zeroing
+/// and dumping the counters.
+struct Leg {
+    kind: &'static str,
+    template: RequestTemplate,
     expect: Expect,
     warmup: u64,
-    requests: u64,
-) -> Result<(), String> {
-    load::run_sequential(target, template, expect, warmup).await?;
+    counted: u64,
+}
+
+/// One forwarder's counts: per JSON request, per SSE stream (request, headers and
+/// `sse::EVENTS` events).
+struct Row {
+    fwd: Counted,
+    json: f64,
+    sse_stream: f64,
+}
+
+/// Warm up, zero the counters, send the counted exchanges, dump.
+async fn count(guard: &ProcGuard, target: &Target, leg: &Leg) -> Result<(), String> {
+    load::run_sequential(target, &leg.template, leg.expect, leg.warmup).await?;
     callgrind_control("-z", guard.pid())?;
-    load::run_sequential(target, template, expect, requests).await?;
+    load::run_sequential(target, &leg.template, leg.expect, leg.counted).await?;
     callgrind_control("-d", guard.pid())
 }
 
@@ -162,8 +218,8 @@ fn callgrind_control(flag: &str, pid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// The instruction total in process `pid`'s last dump: `<profile>.<pid>.<n>`, largest `n`.
-fn latest_dump_total(profile: &Path, pid: u32) -> Result<u64, String> {
+/// Process `pid`'s last dump (`<profile>.<pid>.<n>`, largest `n`) and its instruction total.
+fn latest_dump(profile: &Path, pid: u32) -> Result<(u64, PathBuf), String> {
     let dir = profile.parent().ok_or("profile path without a directory")?;
     let prefix = format!(
         "{}.{pid}.",
@@ -187,7 +243,9 @@ fn latest_dump_total(profile: &Path, pid: u32) -> Result<u64, String> {
         .max();
     let (_, path) = latest.ok_or_else(|| format!("no callgrind dump of process {pid}"))?;
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse_total(&text).ok_or_else(|| format!("{}: no instruction total", path.display()))
+    let total =
+        parse_total(&text).ok_or_else(|| format!("{}: no instruction total", path.display()))?;
+    Ok((total, path))
 }
 
 /// `summary:` (or `totals:`) of a callgrind profile: instructions executed.
@@ -200,35 +258,36 @@ fn parse_total(profile: &str) -> Option<u64> {
     })
 }
 
-fn render(rows: &[(Counted, f64)], requests: u64, warmup: u64) -> String {
-    let nginx = rows
-        .iter()
-        .find(|(f, _)| *f == Counted::Nginx)
-        .map(|(_, n)| *n);
-    let direct = rows
-        .iter()
-        .find(|(f, _)| *f == Counted::Sidecar(Path3::Direct))
-        .map(|(_, n)| *n);
+fn render(rows: &[Row], json: &Leg, sse: &Leg) -> String {
+    let base = |pick: fn(&Row) -> f64, who: Counted| rows.iter().find(|r| r.fwd == who).map(pick);
+    let events = f64::from(crate::sse::EVENTS);
     let mut md = format!(
         "## Instructions per request (callgrind)\n\n\
-         User-space instructions per JSON request (~1 KiB answer, upstream over TLS), counted by \
-         `valgrind --tool=callgrind` over {requests} requests sent one after another on one \
-         keep-alive connection, after {warmup} warm-up requests. Repeatable to a fraction of a \
-         percent, unlike CPU time on a shared machine; the kernel's work (about 60 % of a request's \
-         CPU here) is not in it. valgrind's CPU has no VAES, so AES-GCM is counted on its AES-NI \
-         path for both nginx (OpenSSL) and the sidecar (ring).\n\n\
-         | forwarder | instructions per request | × nginx | × sidecar direct |\n\
-         |---|---:|---:|---:|\n"
+         User-space instructions, counted by `valgrind --tool=callgrind`, one exchange after \
+         another on one keep-alive connection: per JSON request (~1 KiB answer, upstream over \
+         TLS) over {} requests after {} warm-up ones, and per SSE stream ({events} events 5 ms \
+         apart, upstream over TLS; each event is a wake-up, a TLS read and a chunk written) over \
+         {} streams after {} warm-up ones. Repeatable to a fraction of a percent, unlike CPU time \
+         on a shared machine; the kernel's work (about 60 % of a JSON request's CPU here) is not \
+         in it. valgrind's CPU has no VAES, so AES-GCM is counted on its AES-NI path for both \
+         nginx (OpenSSL) and the sidecar (ring).\n\n\
+         | forwarder | JSON: per request | × nginx | × sidecar direct | SSE: per stream | per event | × nginx |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+        json.counted, json.warmup, sse.counted, sse.warmup
     );
     let ratio = |x: f64, base: Option<f64>| {
         base.map_or_else(|| "–".to_owned(), |b| format!("{:.2}", x / b))
     };
-    for (fwd, n) in rows {
+    for r in rows {
         md.push_str(&format!(
-            "| {} | {n:.0} | {} | {} |\n",
-            fwd.label(),
-            ratio(*n, nginx),
-            ratio(*n, direct)
+            "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {} |\n",
+            r.fwd.label(),
+            r.json,
+            ratio(r.json, base(|r| r.json, Counted::Nginx)),
+            ratio(r.json, base(|r| r.json, Counted::Sidecar(Path3::Direct))),
+            r.sse_stream,
+            r.sse_stream / events,
+            ratio(r.sse_stream, base(|r| r.sse_stream, Counted::Nginx)),
         ));
     }
     md

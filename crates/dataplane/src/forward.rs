@@ -150,6 +150,9 @@ pub struct Forwarder {
 }
 
 /// What one attempt produced.
+// Returned once per attempt and taken apart at once; boxing the response would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
     Ok(Response<UpstreamBody>, AgentLease),
     /// Failed before the request went out: another path may be tried.

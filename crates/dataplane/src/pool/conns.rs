@@ -42,6 +42,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use super::RequestBody;
+use super::gate::{Quiet, WakeGate};
 use crate::connector::{Conn, Connector};
 use crate::error::{ConnectError, ErrorClass};
 
@@ -93,6 +94,8 @@ struct H1 {
     sender: http1::SendRequest<RequestBody>,
     io: H1Io,
     timer: HeadersTimer,
+    /// The request's task polls `io` together with what waits on it, through this.
+    gate: WakeGate,
 }
 
 /// The connection's I/O future; `None` once it ended (it must not be polled again, and
@@ -138,20 +141,24 @@ async fn with_io<F: Future>(io: &mut H1Io, fut: F) -> F::Output {
     .await
 }
 
-/// [`with_io`] until `deadline`: `None` if it passes first.
+/// [`with_io`] until `deadline`, behind the connection's gate: `None` if it passes first.
 async fn with_io_until<F: Future>(
     io: &mut H1Io,
     timer: &mut HeadersTimer,
+    gate: &WakeGate,
     deadline: Instant,
     fut: F,
 ) -> Option<F::Output> {
     let mut fut = pin!(fut);
+    let mut quiet = Quiet::default();
     poll_fn(|cx| {
-        let _ = io.poll(cx);
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        timer.poll_passed(deadline, cx).map(|()| None)
+        gate.poll(cx, &mut quiet, |cx| {
+            let _ = io.poll(cx);
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            timer.poll_passed(deadline, cx).map(|()| None)
+        })
     })
     .await
 }
@@ -221,9 +228,23 @@ struct ConnLease {
 }
 
 impl ConnLease {
-    fn poll_io(&mut self, cx: &mut Context<'_>) {
-        if let Some((_, _, conn)) = self.h1.as_mut() {
-            let _ = conn.io.poll(cx);
+    /// `f` (what waits on the connection) after driving the connection's I/O, both behind
+    /// its gate; just `f` for HTTP/2, whose connection has a task of its own.
+    fn poll_with_io<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        quiet: &mut Quiet,
+        mut f: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        match self.h1.as_mut() {
+            Some((_, _, conn)) => {
+                let H1 { io, gate, .. } = conn;
+                gate.poll(cx, quiet, |cx| {
+                    let _ = io.poll(cx);
+                    f(cx)
+                })
+            }
+            None => f(cx),
         }
     }
 
@@ -246,6 +267,7 @@ impl Drop for ConnLease {
 pub struct UpstreamBody {
     body: Incoming,
     conn: ConnLease,
+    quiet: Quiet,
 }
 
 impl Body for UpstreamBody {
@@ -257,8 +279,10 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        this.conn.poll_io(cx);
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let body = &mut this.body;
+        let frame = this.conn.poll_with_io(cx, &mut this.quiet, |cx| {
+            Pin::new(&mut *body).poll_frame(cx)
+        });
         match &frame {
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.conn.release(),
             Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
@@ -333,7 +357,15 @@ impl ConnSet {
                     // A new connection is ready once its I/O ran.
                     if !conn.sender.is_ready() {
                         let ready = conn.sender.ready();
-                        match with_io_until(&mut conn.io, &mut conn.timer, deadline, ready).await {
+                        match with_io_until(
+                            &mut conn.io,
+                            &mut conn.timer,
+                            &conn.gate,
+                            deadline,
+                            ready,
+                        )
+                        .await
+                        {
                             None => return Err(SendError::HeadersTimeout),
                             Some(Err(_)) => continue, // closed before use: nothing sent
                             Some(Ok(())) => {}
@@ -350,13 +382,19 @@ impl ConnSet {
                     req.headers_mut()
                         .insert(header::HOST, self.target.host.clone());
                     let sent = conn.sender.try_send_request(req);
-                    match with_io_until(&mut conn.io, &mut conn.timer, deadline, sent).await {
+                    match with_io_until(&mut conn.io, &mut conn.timer, &conn.gate, deadline, sent)
+                        .await
+                    {
                         None => return Err(SendError::HeadersTimeout),
                         Some(Ok(resp)) => {
                             let conn = ConnLease {
                                 h1: Some((self.clone(), shard, conn)),
                             };
-                            return Ok(resp.map(|body| UpstreamBody { body, conn }));
+                            return Ok(resp.map(|body| UpstreamBody {
+                                body,
+                                conn,
+                                quiet: Quiet::default(),
+                            }));
                         }
                         Some(Err(mut e)) => match e.take_message() {
                             Some(back) => {
@@ -374,7 +412,11 @@ impl ConnSet {
                     match sent.await.map_err(|_| SendError::HeadersTimeout)? {
                         Ok(resp) => {
                             let conn = ConnLease { h1: None };
-                            return Ok(resp.map(|body| UpstreamBody { body, conn }));
+                            return Ok(resp.map(|body| UpstreamBody {
+                                body,
+                                conn,
+                                quiet: Quiet::default(),
+                            }));
                         }
                         Err(mut e) => match e.take_message() {
                             Some(back) => {
@@ -507,6 +549,7 @@ impl ConnSet {
                         sender,
                         io: H1Io(Some(Box::pin(io))),
                         timer: HeadersTimer::default(),
+                        gate: WakeGate::default(),
                     })
                 })
                 .map_err(|e| handshake_failed("HTTP/1.1", &e)),
@@ -568,7 +611,14 @@ impl ConnSet {
         if conn.sender.is_closed() || conn.io.0.is_none() {
             return;
         }
-        if conn.sender.is_ready() {
+        if !conn.sender.is_ready() {
+            // hyper's dispatcher asks for the next request on its first poll after the
+            // response ended. Poll it now, so the connection is idle before the next
+            // request looks: else back-to-back requests now and then found none and
+            // opened another (callgrind: 3 TLS handshakes in 100 sequential SSE streams).
+            let _ = conn.io.poll(&mut Context::from_waker(Waker::noop()));
+        }
+        if conn.sender.is_ready() && conn.io.0.is_some() {
             let mut st = self.lock(shard);
             self.hand_over(&mut st, conn);
             return;

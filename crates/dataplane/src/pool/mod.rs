@@ -8,6 +8,7 @@
 //! its idle connections close at once, the busy ones when their response ends.
 
 mod conns;
+mod gate;
 
 use std::collections::HashMap;
 use std::fmt;
