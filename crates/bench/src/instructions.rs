@@ -5,17 +5,19 @@
 //! machine; an instruction count does not. Each forwarder runs under
 //! `valgrind --tool=callgrind` on the same upstream as the load benchmark, gets a warm-up
 //! (connections, TLS sessions, lazy set-up), then the counters are zeroed, `n` requests go
-//! one after another on one keep-alive connection, and the counters are dumped. One
-//! connection, so nothing is batched and every request costs the same: repeated runs agree
-//! to a fraction of a percent. Instructions are not time (the kernel's share, 60 % of a
-//! request here, and cache behaviour are not in them) but they show what a change in
-//! user space is worth, and how our user space compares with nginx's.
+//! one after another on one keep-alive connection, and the counters are dumped; then the
+//! same for SSE streams (per stream and per event: a streamed answer's cost is its
+//! events). One connection, so nothing is batched and every request costs the same:
+//! repeated runs agree to a fraction of a percent. Instructions are not time (the
+//! kernel's share, 60 % of a request here, and cache behaviour are not in them) but they
+//! show what a change in user space is worth, and how our user space compares with
+//! nginx's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::load::{self, Expect, RequestTemplate, Target, Via};
+use crate::load::{Expect, RequestTemplate, Sequential, Target, Via};
 use crate::procs::ProcGuard;
 use crate::run::{env_num, setup_options};
 use crate::setup::{self, Bench, Path3};
@@ -195,11 +197,18 @@ struct Row {
     sse_stream: f64,
 }
 
-/// Warm up, zero the counters, send the counted exchanges, dump.
+/// Warm up, zero the counters, send the counted exchanges, dump. All on one connection:
+/// the sidecar deals connections to its workers round-robin and each worker has its own
+/// upstream connections, so a second connection would count a TLS handshake.
 async fn count(guard: &ProcGuard, target: &Target, leg: &Leg) -> Result<(), String> {
-    load::run_sequential(target, &leg.template, leg.expect, leg.warmup).await?;
+    let mut client = Sequential::connect(target).await?;
+    client
+        .run(target, &leg.template, leg.expect, leg.warmup)
+        .await?;
     callgrind_control("-z", guard.pid())?;
-    load::run_sequential(target, &leg.template, leg.expect, leg.counted).await?;
+    client
+        .run(target, &leg.template, leg.expect, leg.counted)
+        .await?;
     callgrind_control("-d", guard.pid())
 }
 

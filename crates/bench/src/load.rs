@@ -229,23 +229,36 @@ fn request(target: &Target, template: &RequestTemplate) -> Request<Full<Bytes>> 
     req
 }
 
-/// `n` requests one after another on one keep-alive connection, each checked; the first
-/// failure ends the run. Without concurrency nothing is batched, so the forwarder does
-/// the same work for every request: what instruction counts need.
-pub async fn run_sequential(
-    target: &Target,
-    template: &RequestTemplate,
-    expect: Expect,
-    n: u64,
-) -> Result<(), String> {
-    let mut c = connect(target).await?;
-    for i in 0..n {
-        let req = request(target, template);
-        exchange(&mut c.sender, req, expect, Instant::now())
-            .await
-            .map_err(|e| format!("request {} of {n}: {e}", i + 1))?;
+/// One keep-alive connection for [`Sequential::run`].
+pub struct Sequential {
+    conn: Conn,
+}
+
+impl Sequential {
+    pub async fn connect(target: &Target) -> Result<Self, String> {
+        Ok(Self {
+            conn: connect(target).await?,
+        })
     }
-    Ok(())
+
+    /// `n` requests one after another on this connection, each checked; the first
+    /// failure ends the run. Without concurrency nothing is batched, so the forwarder does
+    /// the same work for every request: what instruction counts need.
+    pub async fn run(
+        &mut self,
+        target: &Target,
+        template: &RequestTemplate,
+        expect: Expect,
+        n: u64,
+    ) -> Result<(), String> {
+        for i in 0..n {
+            let req = request(target, template);
+            exchange(&mut self.conn.sender, req, expect, Instant::now())
+                .await
+                .map_err(|e| format!("request {} of {n}: {e}", i + 1))?;
+        }
+        Ok(())
+    }
 }
 
 fn micros(d: Duration) -> u32 {

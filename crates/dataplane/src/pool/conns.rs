@@ -16,7 +16,9 @@
 //! connection polls it, while waiting for the response head and then from its response
 //! body ([`UpstreamBody`]). A request and every chunk of its answer thus cost one task
 //! wake-up, not two (the client connection's, then the upstream connection's, each queued
-//! behind the others), which is what nginx pays: measured by the benchmark. Idle
+//! behind the others), which is what nginx pays: measured by the benchmark. hyper's
+//! connection and the body channel still signal each other; [`WakeGate`] keeps those
+//! signals from waking the task again (one task poll per streamed chunk, not two). Idle
 //! connections are not polled at all; one the upstream closed meanwhile is found when it
 //! is taken (polled once, without a waker) or by the idle reaper. HTTP/2 connections are
 //! shared by many requests and keep a task each.
@@ -611,14 +613,7 @@ impl ConnSet {
         if conn.sender.is_closed() || conn.io.0.is_none() {
             return;
         }
-        if !conn.sender.is_ready() {
-            // hyper's dispatcher asks for the next request on its first poll after the
-            // response ended. Poll it now, so the connection is idle before the next
-            // request looks: else back-to-back requests now and then found none and
-            // opened another (callgrind: 3 TLS handshakes in 100 sequential SSE streams).
-            let _ = conn.io.poll(&mut Context::from_waker(Waker::noop()));
-        }
-        if conn.sender.is_ready() && conn.io.0.is_some() {
+        if conn.sender.is_ready() {
             let mut st = self.lock(shard);
             self.hand_over(&mut st, conn);
             return;
@@ -904,6 +899,71 @@ mod tests {
             2,
             "same connection"
         );
+    }
+
+    /// A streamed answer (SSE) costs one poll of the reading task per chunk: the
+    /// connection and the body channel must not wake the task for each other (see
+    /// [`WakeGate`]); without the gate it took two.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_streamed_answer_costs_one_task_poll_per_chunk() {
+        use std::io::{Read, Write};
+        const CHUNKS: usize = 30;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A thread of its own, so that only the reading side runs on the test's runtime.
+        let upstream = std::thread::spawn(move || -> std::io::Result<()> {
+            let (mut tcp, _) = listener.accept()?;
+            tcp.set_nodelay(true)?;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut buf)? {
+                    0 => return Ok(()),
+                    n => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")?;
+            for i in 0..CHUNKS {
+                let event = format!("data: {i}\n\n");
+                tcp.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())?;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            tcp.write_all(b"0\r\n\r\n")?;
+            // Keep the connection open until the reader is done.
+            let _ = tcp.read(&mut buf);
+            Ok(())
+        });
+        let set = conns_to(&format!("http://{addr}"));
+        let resp = set.send(get(), in_a_minute()).await.unwrap();
+        let mut body = resp.into_body();
+        let (mut polls, mut bytes) = (0, 0);
+        let end = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| {
+                polls += 1;
+                // Like hyper's server: take frames until the body is pending.
+                loop {
+                    match ready!(Pin::new(&mut body).poll_frame(cx)) {
+                        Some(Ok(frame)) => bytes += frame.data_ref().map_or(0, |d| d.len()),
+                        Some(Err(e)) => return Poll::Ready(Err(e)),
+                        None => return Poll::Ready(Ok(())),
+                    }
+                }
+            }),
+        )
+        .await;
+        assert!(matches!(end, Ok(Ok(()))), "{end:?}");
+        let sent: usize = (0..CHUNKS).map(|i| format!("data: {i}\n\n").len()).sum();
+        assert_eq!(bytes, sent);
+        // One per chunk, plus a few where the upstream's pauses and the reads line up
+        // differently; two per chunk without the gate.
+        assert!(
+            polls <= CHUNKS + CHUNKS / 3,
+            "{polls} task polls for {CHUNKS} chunks"
+        );
+        drop(set);
+        drop(body);
+        upstream.join().unwrap().unwrap();
     }
 
     /// hyper writes a request as headers + body; over TLS it must hand rustls one buffer
