@@ -613,6 +613,9 @@ impl ConnSet {
         if conn.sender.is_closed() || conn.io.0.is_none() {
             return;
         }
+        // Everything inside the connection holds the gate's waker, not the task's: let go
+        // of the finished request's task, so a parked connection keeps no task alive.
+        conn.gate.forget_task();
         if conn.sender.is_ready() {
             let mut st = self.lock(shard);
             self.hand_over(&mut st, conn);

@@ -79,6 +79,14 @@ impl Default for WakeGate {
     }
 }
 
+impl WakeGate {
+    /// Drop the waker of the task that last polled through the gate (a request that is
+    /// over). Until another task polls, wake-ups go nowhere: nobody waits.
+    pub fn forget_task(&self) {
+        drop(self.shared.task.take());
+    }
+}
+
 /// One waiter's memory of the gate: the wake-up count when it last went pending with
 /// nothing woken, if it did. A waiter (a response head, a response body) keeps its own, so
 /// the next one on the connection starts afresh.
@@ -245,5 +253,27 @@ mod tests {
             .is_pending()
         );
         assert!(polled_again, "woken: polled again");
+    }
+
+    #[test]
+    fn a_forgotten_task_is_let_go_and_never_woken() {
+        let gate = WakeGate::default();
+        let (count, waker) = task();
+        let pending = gate.poll(
+            &mut Context::from_waker(&waker),
+            &mut Quiet::default(),
+            |_| Poll::<()>::Pending,
+        );
+        assert!(pending.is_pending());
+        drop(waker);
+        assert_eq!(
+            Arc::strong_count(&count),
+            2,
+            "the gate holds the task's waker"
+        );
+        gate.forget_task();
+        assert_eq!(Arc::strong_count(&count), 1, "and lets it go");
+        gate.waker.wake_by_ref();
+        assert_eq!(count.0.load(Ordering::Relaxed), 0);
     }
 }
