@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::load::{Expect, RequestTemplate, Sequential, Target, Via};
@@ -71,24 +72,36 @@ pub fn main() -> Result<(), String> {
             return Err(format!("{tool} not found: apt-get install valgrind"));
         }
     }
+    let json_len = setup::json_answer().len();
     let json = Leg {
         kind: "json",
-        template: RequestTemplate::new(false),
-        expect: Expect::Json {
-            len: setup::json_answer().len(),
-        },
+        template: Arc::new(RequestTemplate::new(false)),
+        expect: Expect::Json { len: json_len },
+        conns: 1,
         warmup: env_num("BENCH_INSTR_WARMUP", 200.0, 1.0, 1e6)? as u64,
         counted: env_num("BENCH_INSTR_REQUESTS", 2000.0, 10.0, 1e6)? as u64,
     };
     let sse = Leg {
         kind: "sse",
-        template: RequestTemplate::new(true),
+        template: Arc::new(RequestTemplate::new(true)),
         expect: Expect::Sse {
             events: crate::sse::EVENTS,
         },
+        conns: 1,
         warmup: 10,
         counted: env_num("BENCH_INSTR_STREAMS", 100.0, 1.0, 1e5)? as u64,
     };
+    let per_conn = env_num("BENCH_INSTR_CONN_REQUESTS", 16.0, 1.0, 1e5)? as u64;
+    let many = Leg {
+        kind: "json",
+        template: Arc::new(RequestTemplate::new(false)),
+        expect: Expect::Json { len: json_len },
+        conns: env_num("BENCH_INSTR_CONNS", 256.0, 2.0, 4096.0)? as usize,
+        // Warm-up rounds as long as the count (see `count`).
+        warmup: per_conn,
+        counted: per_conn,
+    };
+
     let out = std::env::var_os("BENCH_OUT").map(PathBuf::from);
     let keep = std::env::var_os("BENCH_INSTR_PROFILES").map(PathBuf::from);
     if let Some(dir) = &keep {
@@ -105,22 +118,36 @@ pub fn main() -> Result<(), String> {
     for fwd in Counted::ALL {
         eprintln!("  {:<28} under callgrind", fwd.label());
         let profile = bench.dir.path().join(format!("callgrind-{}", fwd.key()));
-        let tool = vec![
+        let mut tool = vec![
             "valgrind".to_owned(),
             "--tool=callgrind".to_owned(),
             "--dump-instr=no".to_owned(),
             format!("--callgrind-out-file={}.%p", profile.display()),
         ];
+        tool.extend(CACHE.iter().map(|&a| a.to_owned()));
         let log = bench
             .dir
             .path()
             .join(format!("{}-callgrind.log", fwd.key()));
-        let (guard, addr) = match fwd {
-            Counted::Nginx => bench.spawn_nginx_rp_under(&tool, &log, START)?,
-            Counted::Sidecar(_) => bench.spawn_sidecar_under(&tool, &log, START)?,
+        let (guard, addr, admin) = match fwd {
+            Counted::Nginx => {
+                let (guard, addr) = bench.spawn_nginx_rp_under(&tool, &log, START)?;
+                (guard, addr, None)
+            }
+            Counted::Sidecar(_) => {
+                let (guard, addr, admin) = bench.spawn_sidecar_under(&tool, &log, START)?;
+                (guard, addr, Some(admin))
+            }
         };
-        let mut per_leg = [0.0; 2];
-        for (leg, per) in [&json, &sse].into_iter().zip(&mut per_leg) {
+        // nginx has no such count; its warm-up is one round.
+        let opened = || admin.and_then(setup::sidecar_connections);
+        let mut per_leg = [None; 3];
+        for (leg, per) in [&json, &sse, &many].into_iter().zip(&mut per_leg) {
+            // Many connections: nginx against the sidecar's direct route only; via Squid
+            // or Dante a request costs the sidecar what it costs direct (the rows above).
+            if leg.conns > 1 && matches!(fwd, Counted::Sidecar(p) if p != Path3::Direct) {
+                continue;
+            }
             let path = fwd.path(leg.kind);
             let target = Target {
                 connect: addr,
@@ -134,24 +161,31 @@ pub fn main() -> Result<(), String> {
                 path: path.parse().map_err(|e| format!("path {path}: {e}"))?,
                 host: addr.to_string().parse().map_err(|e| format!("host: {e}"))?,
             };
-            let (ir, dump) = rt
-                .block_on(count(&guard, &target, leg))
+            let (counts, dump) = rt
+                .block_on(count(&guard, &target, leg, &opened))
                 .and_then(|()| latest_dump(&profile, guard.pid()))
                 .map_err(|e| {
                     format!(
-                        "{} ({}): {e} (log: {})",
+                        "{} ({}, {} connections): {e} (log: {})",
                         fwd.label(),
                         leg.kind,
+                        leg.conns,
                         log.display()
                     )
                 })?;
-            *per = ir as f64 / leg.counted as f64;
+            let counts = counts.per(leg.exchanges());
+            *per = Some(counts);
             eprintln!(
-                "  {:<28} {}: {:.0} instructions per request",
-                "", leg.kind, *per
+                "  {:<28} {} on {} connections: {:.0} instructions, {:.1} D1 misses, {:.1} LL misses per request",
+                "", leg.kind, leg.conns, counts.ir, counts.d1_misses, counts.ll_misses
             );
             if let Some(dir) = &keep {
-                let kept = dir.join(format!("callgrind.{}.{}.out", fwd.key(), leg.kind));
+                let kept = dir.join(format!(
+                    "callgrind.{}.{}-{}.out",
+                    fwd.key(),
+                    leg.kind,
+                    leg.conns
+                ));
                 std::fs::copy(&dump, &kept).map_err(|e| format!("{}: {e}", kept.display()))?;
                 eprintln!(
                     "  {:<28} profile: callgrind_annotate --inclusive=yes {}",
@@ -160,15 +194,22 @@ pub fn main() -> Result<(), String> {
                 );
             }
         }
+        let [Some(json), Some(sse_stream), many] = per_leg else {
+            return Err(format!(
+                "{}: a single-connection leg was not counted",
+                fwd.label()
+            ));
+        };
         rows.push(Row {
             fwd,
-            json: per_leg[0],
-            sse_stream: per_leg[1],
+            json,
+            sse_stream,
+            many,
         });
         drop(guard);
     }
 
-    let md = render(&rows, &json, &sse);
+    let md = render(&rows, &json, &sse, &many);
     println!("\n{md}");
     if let Some(dir) = out {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -179,37 +220,145 @@ pub fn main() -> Result<(), String> {
     Ok(())
 }
 
+/// callgrind's cache simulation, sized as one core of the machine the figures were taken
+/// on (32 KiB L1d; its 1 MiB L2 as callgrind's last level: the shared L3 is big enough to
+/// hold everything here, so misses in L2 are the ones that cost). One simulated cache
+/// for the whole process, so the sidecar's two workers share it as nginx's single worker
+/// has its own: both forwarders keep every connection in one cache.
+const CACHE: [&str; 4] = [
+    "--cache-sim=yes",
+    "--I1=32768,8,64",
+    "--D1=32768,8,64",
+    "--LL=1048576,8,64",
+];
+
 /// What one leg of the count sends: `warmup` exchanges, then `counted` ones between zeroing
 /// and dumping the counters.
 struct Leg {
     kind: &'static str,
-    template: RequestTemplate,
+    template: Arc<RequestTemplate>,
     expect: Expect,
+    /// Keep-alive connections, each sending `warmup` then `counted` exchanges one after
+    /// another, all connections at once.
+    conns: usize,
     warmup: u64,
     counted: u64,
 }
 
-/// One forwarder's counts: per JSON request, per SSE stream (request, headers and
-/// `sse::EVENTS` events).
-struct Row {
-    fwd: Counted,
-    json: f64,
-    sse_stream: f64,
+impl Leg {
+    fn exchanges(&self) -> u64 {
+        self.counted * self.conns as u64
+    }
 }
 
-/// Warm up, zero the counters, send the counted exchanges, dump. All on one connection:
-/// the sidecar deals connections to its workers round-robin and each worker has its own
-/// upstream connections, so a second connection would count a TLS handshake.
-async fn count(guard: &ProcGuard, target: &Target, leg: &Leg) -> Result<(), String> {
-    let mut client = Sequential::connect(target).await?;
-    client
-        .run(target, &leg.template, leg.expect, leg.warmup)
-        .await?;
-    callgrind_control("-z", guard.pid())?;
-    client
-        .run(target, &leg.template, leg.expect, leg.counted)
-        .await?;
-    callgrind_control("-d", guard.pid())
+/// One forwarder's counts, per exchange: JSON request and SSE stream (request, headers
+/// and `sse::EVENTS` events) on one connection, JSON request on many.
+struct Row {
+    fwd: Counted,
+    json: Counts,
+    sse_stream: Counts,
+    many: Option<Counts>,
+}
+
+/// What callgrind counted: instructions, and data reads and writes that missed the
+/// simulated L1 (`D1mr + D1mw`) and last level (`DLmr + DLmw`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Counts {
+    ir: f64,
+    d1_misses: f64,
+    ll_misses: f64,
+}
+
+impl Counts {
+    fn per(self, n: u64) -> Self {
+        let n = n.max(1) as f64;
+        Self {
+            ir: self.ir / n,
+            d1_misses: self.d1_misses / n,
+            ll_misses: self.ll_misses / n,
+        }
+    }
+}
+
+/// Warm up, zero the counters, send the counted exchanges, dump. One connection when
+/// `leg.conns` is 1: the sidecar deals connections to its workers round-robin and each
+/// worker has its own upstream connections, so a second connection would count a TLS
+/// handshake. With many, every connection is opened and warmed before the count, and all
+/// send at once: what a busy forwarder's caches see.
+///
+/// No upstream connection may open during a count (a TLS handshake is worth ~10 JSON
+/// requests). The sidecar's pool grows to the most requests a worker has had at once,
+/// and under callgrind that depends on how the slow sidecar's ticks batch them: a warm-up
+/// round can open none and the count still need a few more (34 of 256 once). So the
+/// warm-up repeats until a round opens none (`opened`: the sidecar's count so far; nginx
+/// has none and warms up once), and a count during which one opened is done again.
+async fn count(
+    guard: &ProcGuard,
+    target: &Target,
+    leg: &Leg,
+    opened: &dyn Fn() -> Option<u64>,
+) -> Result<(), String> {
+    const ROUNDS: usize = 8;
+    let target = Arc::new(target.clone());
+    let template = leg.template.clone();
+    let mut clients = Vec::with_capacity(leg.conns);
+    for _ in 0..leg.conns {
+        clients.push(Sequential::connect(&target).await?);
+    }
+    let mut seen = opened();
+    for round in 1.. {
+        clients = all(clients, &target, &template, leg.expect, leg.warmup).await?;
+        let now = opened();
+        if now == seen {
+            break;
+        }
+        if round == ROUNDS {
+            return Err(format!(
+                "upstream connections still opening after {ROUNDS} warm-up rounds"
+            ));
+        }
+        seen = now;
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        callgrind_control("-z", guard.pid())?;
+        clients = all(clients, &target, &template, leg.expect, leg.counted).await?;
+        callgrind_control("-d", guard.pid())?;
+        let now = opened();
+        if now == seen {
+            return Ok(());
+        }
+        if attempt == ROUNDS {
+            return Err(format!(
+                "upstream connections opened during each of {ROUNDS} counts"
+            ));
+        }
+        seen = now;
+    }
+}
+
+/// `n` exchanges on each client, all clients at once; the clients are handed back.
+async fn all(
+    clients: Vec<Sequential>,
+    target: &Arc<Target>,
+    template: &Arc<RequestTemplate>,
+    expect: Expect,
+    n: u64,
+) -> Result<Vec<Sequential>, String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut client in clients {
+        let (target, template) = (target.clone(), template.clone());
+        tasks.spawn(async move {
+            client.run(&target, &template, expect, n).await?;
+            Ok::<_, String>(client)
+        });
+    }
+    let mut back = Vec::with_capacity(tasks.len());
+    while let Some(done) = tasks.join_next().await {
+        back.push(done.map_err(|e| format!("client task: {e}"))??);
+    }
+    Ok(back)
 }
 
 fn callgrind_control(flag: &str, pid: u32) -> Result<(), String> {
@@ -227,8 +376,8 @@ fn callgrind_control(flag: &str, pid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// Process `pid`'s last dump (`<profile>.<pid>.<n>`, largest `n`) and its instruction total.
-fn latest_dump(profile: &Path, pid: u32) -> Result<(u64, PathBuf), String> {
+/// Process `pid`'s last dump (`<profile>.<pid>.<n>`, largest `n`) and its totals.
+fn latest_dump(profile: &Path, pid: u32) -> Result<(Counts, PathBuf), String> {
     let dir = profile.parent().ok_or("profile path without a directory")?;
     let prefix = format!(
         "{}.{pid}.",
@@ -253,22 +402,46 @@ fn latest_dump(profile: &Path, pid: u32) -> Result<(u64, PathBuf), String> {
     let (_, path) = latest.ok_or_else(|| format!("no callgrind dump of process {pid}"))?;
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let total =
-        parse_total(&text).ok_or_else(|| format!("{}: no instruction total", path.display()))?;
+        parse_counts(&text).ok_or_else(|| format!("{}: no event totals", path.display()))?;
     Ok((total, path))
 }
 
-/// `summary:` (or `totals:`) of a callgrind profile: instructions executed.
-fn parse_total(profile: &str) -> Option<u64> {
-    profile.lines().find_map(|l| {
-        let rest = l
-            .strip_prefix("summary:")
-            .or_else(|| l.strip_prefix("totals:"))?;
-        rest.split_whitespace().next()?.parse().ok()
+/// The `summary:` (or `totals:`) line of a callgrind profile, read by the names on its
+/// `events:` line. Without cache simulation the misses are zero.
+fn parse_counts(profile: &str) -> Option<Counts> {
+    let line = |prefix: &[&str]| {
+        profile.lines().find_map(|l| {
+            prefix
+                .iter()
+                .find_map(|p| l.strip_prefix(p))
+                .map(str::split_whitespace)
+        })
+    };
+    let names: Vec<&str> = line(&["events:"])?.collect();
+    let values: Vec<u64> = line(&["summary:", "totals:"])?
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let get = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| values.get(i))
+            .map_or(0.0, |&v| v as f64)
+    };
+    let ir = names.iter().position(|n| *n == "Ir")?;
+    Some(Counts {
+        ir: *values.get(ir)? as f64,
+        d1_misses: get("D1mr") + get("D1mw"),
+        ll_misses: get("DLmr") + get("DLmw"),
     })
 }
 
-fn render(rows: &[Row], json: &Leg, sse: &Leg) -> String {
+fn render(rows: &[Row], json: &Leg, sse: &Leg, many: &Leg) -> String {
     let base = |pick: fn(&Row) -> f64, who: Counted| rows.iter().find(|r| r.fwd == who).map(pick);
+    let ratio = |x: f64, base: Option<f64>| {
+        base.map_or_else(|| "–".to_owned(), |b| format!("{:.2}", x / b))
+    };
     let events = f64::from(crate::sse::EVENTS);
     let mut md = format!(
         "## Instructions per request (callgrind)\n\n\
@@ -284,19 +457,52 @@ fn render(rows: &[Row], json: &Leg, sse: &Leg) -> String {
          |---|---:|---:|---:|---:|---:|---:|\n",
         json.counted, json.warmup, sse.counted, sse.warmup
     );
-    let ratio = |x: f64, base: Option<f64>| {
-        base.map_or_else(|| "–".to_owned(), |b| format!("{:.2}", x / b))
-    };
     for r in rows {
         md.push_str(&format!(
             "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {} |\n",
             r.fwd.label(),
-            r.json,
-            ratio(r.json, base(|r| r.json, Counted::Nginx)),
-            ratio(r.json, base(|r| r.json, Counted::Sidecar(Path3::Direct))),
-            r.sse_stream,
-            r.sse_stream / events,
-            ratio(r.sse_stream, base(|r| r.sse_stream, Counted::Nginx)),
+            r.json.ir,
+            ratio(r.json.ir, base(|r| r.json.ir, Counted::Nginx)),
+            ratio(
+                r.json.ir,
+                base(|r| r.json.ir, Counted::Sidecar(Path3::Direct))
+            ),
+            r.sse_stream.ir,
+            r.sse_stream.ir / events,
+            ratio(r.sse_stream.ir, base(|r| r.sse_stream.ir, Counted::Nginx)),
+        ));
+    }
+    md.push_str(&format!(
+        "\n### Many connections: what a request costs the caches\n\n\
+         JSON over {conns} keep-alive connections at once ({n} requests on each after {w} \
+         warm-up ones, so every connection has its upstream connection), against the single \
+         connection above; callgrind simulates one core's caches (32 KiB L1d, the 1 MiB L2 as \
+         last level). Data misses per request: an L1 miss costs a few ns, a last-level miss \
+         tens, so the growth from one connection to {conns} is what connection state that \
+         does not stay in cache costs.\n\n\
+         | forwarder | instructions per request at {conns} | × nginx | × at 1 connection | L1d misses per request at 1 | at {conns} | L2 misses per request at 1 | at {conns} | × nginx |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        conns = many.conns,
+        n = many.counted,
+        w = many.warmup,
+    ));
+    let nginx_many = rows
+        .iter()
+        .find(|r| r.fwd == Counted::Nginx)
+        .and_then(|r| r.many);
+    for r in rows {
+        let Some(many) = r.many else { continue };
+        md.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} |\n",
+            r.fwd.label(),
+            many.ir,
+            ratio(many.ir, nginx_many.map(|m| m.ir)),
+            ratio(many.ir, Some(r.json.ir)),
+            r.json.d1_misses,
+            many.d1_misses,
+            r.json.ll_misses,
+            many.ll_misses,
+            ratio(many.ll_misses, nginx_many.map(|m| m.ll_misses)),
         ));
     }
     md
@@ -310,8 +516,18 @@ mod tests {
     fn the_total_is_read_from_a_callgrind_dump() {
         let dump = "# callgrind format\nversion: 1\ncreator: callgrind-3.19.0\npid: 4242\n\
                     cmd:  nginx\npart: 1\n\nevents: Ir\n\nsummary: 93451234\n\nfn=(1) main\n0 12\n";
-        assert_eq!(parse_total(dump), Some(93_451_234));
-        assert_eq!(parse_total("totals: 77\n"), Some(77));
-        assert_eq!(parse_total("events: Ir\n"), None);
+        let counts = parse_counts(dump).map(|c| c.ir);
+        assert_eq!(counts, Some(93_451_234.0));
+        assert_eq!(parse_counts("events: Ir\n"), None);
+        let simulated = "events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw\n\
+                         totals: 1000 300 200 7 40 20 3 9 1\n";
+        assert_eq!(
+            parse_counts(simulated),
+            Some(Counts {
+                ir: 1000.0,
+                d1_misses: 60.0,
+                ll_misses: 10.0
+            })
+        );
     }
 }

@@ -134,17 +134,19 @@ pub fn clock_ticks() -> f64 {
 
 /// (pgrp, utime+stime+cutime+cstime) from one `/proc/PID/stat`.
 fn stat_of(path: &Path) -> Option<(u32, u64)> {
+    ticks_of(path).map(|(g, user, sys)| (g, user + sys))
+}
+
+/// (pgrp, user ticks, kernel ticks), reaped children included, from one `/proc/PID/stat`.
+fn ticks_of(path: &Path) -> Option<(u32, u64, u64)> {
     let s = fs::read_to_string(path).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &s[s.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // f[0] is field 3 (state): field N is f[N - 3].
+    // f[0] is field 3 (state): field N is f[N - 3]; utime 14, stime 15, cutime 16, cstime 17.
     let pgrp = f.get(2)?.parse().ok()?;
-    let mut ticks = 0u64;
-    for i in 11..=14 {
-        ticks += f.get(i)?.parse::<u64>().ok()?;
-    }
-    Some((pgrp, ticks))
+    let field = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+    Some((pgrp, field(14)? + field(16)?, field(15)? + field(17)?))
 }
 
 fn pids() -> Vec<u32> {
@@ -169,18 +171,30 @@ fn group_members(pgid: u32) -> Vec<u32> {
 
 /// CPU ticks used so far by every process of group `pgid` (and its reaped children).
 pub fn group_cpu_ticks(pgid: u32) -> u64 {
-    pids()
-        .into_iter()
-        .filter_map(|pid| stat_of(&Path::new("/proc").join(pid.to_string()).join("stat")))
-        .filter(|(g, _)| *g == pgid)
-        .map(|(_, t)| t)
-        .sum()
+    let (user, sys) = group_user_sys_ticks(pgid);
+    user + sys
 }
 
-/// Nanoseconds the threads of group `pgid` have spent runnable but not running (woken and
-/// waiting for a CPU; `/proc/PID/task/TID/schedstat`, second field), summed over the live
-/// threads.
-pub fn group_cpu_wait_ns(pgid: u32) -> u64 {
+/// (user, kernel) CPU ticks used so far by every process of group `pgid`.
+pub fn group_user_sys_ticks(pgid: u32) -> (u64, u64) {
+    pids()
+        .into_iter()
+        .filter_map(|pid| ticks_of(&Path::new("/proc").join(pid.to_string()).join("stat")))
+        .filter(|(g, _, _)| *g == pgid)
+        .fold((0, 0), |(u, s), (_, user, sys)| (u + user, s + sys))
+}
+
+/// What the scheduler did with the threads of a process group so far, summed over its
+/// live threads (`/proc/PID/task/TID/schedstat`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sched {
+    /// Nanoseconds runnable but not running: woken and waiting for a CPU.
+    pub wait_ns: u64,
+    /// Times a thread got a CPU: wake-ups, mostly, for an event-driven server.
+    pub runs: u64,
+}
+
+pub fn group_sched(pgid: u32) -> Sched {
     group_members(pgid)
         .into_iter()
         .flat_map(|pid| {
@@ -190,9 +204,16 @@ pub fn group_cpu_wait_ns(pgid: u32) -> u64 {
         })
         .filter_map(|task| {
             let s = fs::read_to_string(task.join("schedstat")).ok()?;
-            s.split_whitespace().nth(1)?.parse::<u64>().ok()
+            let mut f = s.split_whitespace().skip(1);
+            Some(Sched {
+                wait_ns: f.next()?.parse().ok()?,
+                runs: f.next()?.parse().ok()?,
+            })
         })
-        .sum()
+        .fold(Sched::default(), |a, b| Sched {
+            wait_ns: a.wait_ns + b.wait_ns,
+            runs: a.runs + b.runs,
+        })
 }
 
 /// (busy, total) clock ticks of all CPUs so far, from the `cpu` line of `/proc/stat`;

@@ -137,6 +137,10 @@ pub struct Cell {
     /// Seconds the forwarder's threads were runnable but not running in the window: woken
     /// and waiting for a CPU (other processes on it, or the wake-up itself on an idle vCPU).
     pub fwd_sched_wait: Option<f64>,
+    /// Times the forwarder's threads got a CPU in the window (schedstat): its wake-ups.
+    pub fwd_runs: Option<f64>,
+    /// CPU seconds the forwarder spent in the kernel in the window (stime).
+    pub fwd_sys: Option<f64>,
     /// Share of all CPUs busy in the window (0..1).
     pub machine_busy: Option<f64>,
 }
@@ -181,6 +185,9 @@ pub struct RowStats {
     /// Most upstream connections a sidecar cell opened.
     pub conns: Option<u64>,
     pub fwd_sched_wait_us: Option<f64>,
+    pub fwd_runs_per_req: Option<f64>,
+    /// Share of the forwarder's CPU spent in the kernel, %.
+    pub fwd_kernel_pct: Option<f64>,
     pub busy_pct: Option<f64>,
 }
 
@@ -277,6 +284,14 @@ impl ScenarioResult {
             ok,
             conns: cells.iter().filter_map(|c| c.upstream_conns).max(),
             fwd_sched_wait_us: per_req(&|c| c.fwd_sched_wait),
+            fwd_runs_per_req: per_req(&|c| c.fwd_runs).map(|v| v / 1e6),
+            fwd_kernel_pct: {
+                let sys: Option<f64> = cells.iter().map(|c| c.fwd_sys).sum();
+                let all: Option<f64> = cells.iter().map(|c| c.fwd_cpu).sum();
+                sys.zip(all)
+                    .filter(|(_, all)| *all > 0.0)
+                    .map(|(sys, all)| sys / all * 100.0)
+            },
             busy_pct: cells
                 .iter()
                 .map(|c| c.machine_busy)
@@ -317,6 +332,8 @@ impl ScenarioResult {
             "proxy CPU µs/req",
             "upstream CPU %",
             "upstream conns",
+            "fwd kernel %",
+            "fwd runs/req",
             "fwd sched wait µs/req",
             "machine busy %",
             "errors",
@@ -342,6 +359,8 @@ impl ScenarioResult {
             r.push(opt(s.proxy_us, |v| format!("{v:.1}")));
             r.push(format!("{:.0}", s.up_pct));
             r.push(s.conns.map_or_else(|| "–".to_owned(), |c| c.to_string()));
+            r.push(opt(s.fwd_kernel_pct, |v| format!("{v:.0}")));
+            r.push(opt(s.fwd_runs_per_req, |v| format!("{v:.2}")));
             r.push(opt(s.fwd_sched_wait_us, |v| format!("{v:.1}")));
             r.push(opt(s.busy_pct, |v| format!("{v:.0}")));
             r.push(s.errors.to_string());

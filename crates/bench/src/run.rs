@@ -363,6 +363,8 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
                 fwd_rss_kib: None,
                 upstream_conns: None,
                 fwd_sched_wait: None,
+                fwd_runs: None,
+                fwd_sys: None,
                 machine_busy: None,
             };
         }
@@ -377,7 +379,12 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     let end = start + Duration::from_secs_f64(cfg.seconds);
     let contention = move || {
         (
-            fwd.map(|g| procs::group_cpu_wait_ns(g.pgid)),
+            fwd.map(|g| {
+                (
+                    procs::group_sched(g.pgid),
+                    procs::group_user_sys_ticks(g.pgid).1,
+                )
+            }),
             procs::machine_cpu_ticks(),
         )
     };
@@ -398,19 +405,23 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     } else {
         None
     };
-    let (window, d, fwd_sched_wait, machine_busy) = match window_and_cpu {
+    let (window, d, fwd_sched, machine_busy) = match window_and_cpu {
         Some(((a, ta, (wa, ma)), (z, tz, (wz, mz)))) => {
             let d: Vec<Option<f64>> = a
                 .iter()
                 .zip(z.iter())
                 .map(|(a, z)| Some(z.as_ref()?.saturating_sub(*a.as_ref()?) as f64 / ticks))
                 .collect();
-            let wait = wa.zip(wz).map(|(a, z)| z.saturating_sub(a) as f64 / 1e9);
+            let sched = wa.zip(wz).map(|((a, sys_a), (z, sys_z))| FwdSched {
+                wait: z.wait_ns.saturating_sub(a.wait_ns) as f64 / 1e9,
+                runs: z.runs.saturating_sub(a.runs) as f64,
+                sys: sys_z.saturating_sub(sys_a) as f64 / ticks,
+            });
             let busy = ma.zip(mz).and_then(|((ba, ta), (bz, tz))| {
                 let total = tz.saturating_sub(ta);
                 (total > 0).then(|| bz.saturating_sub(ba) as f64 / total as f64)
             });
-            ((tz - ta).as_secs_f64(), d, wait, busy)
+            ((tz - ta).as_secs_f64(), d, sched, busy)
         }
         None => (cfg.seconds, vec![None; 4], None, None),
     };
@@ -423,9 +434,22 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
         gen_cpu: d[3].unwrap_or(0.0),
         fwd_rss_kib,
         upstream_conns,
-        fwd_sched_wait,
+        fwd_sched_wait: fwd_sched.map(|s| s.wait),
+        fwd_runs: fwd_sched.map(|s| s.runs),
+        fwd_sys: fwd_sched.map(|s| s.sys),
         machine_busy,
     }
+}
+
+/// The forwarder's scheduling and kernel time over a cell's window.
+#[derive(Clone, Copy)]
+struct FwdSched {
+    /// Seconds runnable but not running.
+    wait: f64,
+    /// Times its threads got a CPU.
+    runs: f64,
+    /// CPU seconds in the kernel.
+    sys: f64,
 }
 
 /// One connection, a fraction of a second, per peer and kind: a broken path fails the run
@@ -526,7 +550,9 @@ fn render(cfg: &Config, results: &[ScenarioResult]) -> String {
          vs straight through that proxy); latencies pooled over rounds; fwd CPU: utime+stime of the forwarder \
          from /proc over the measured window ÷ requests; fwd peak RSS: VmHWM (summed over nginx's processes); \
          proxy CPU: Squid's / Dante's; upstream CPU: % of one core; upstream conns: connections the sidecar \
-         (started fresh for each of its cells) opened; fwd sched wait: time the forwarder's threads were \
+         (started fresh for each of its cells) opened; fwd kernel: share of the forwarder's CPU time in \
+         the kernel (stime); fwd runs: times its threads got a CPU (/proc/PID/task/*/schedstat), its \
+         wake-ups, ÷ requests; fwd sched wait: time the forwarder's threads were \
          runnable but not running (/proc/PID/task/*/schedstat: woken, then waiting for a CPU held by another \
          process or for an idle vCPU to wake) ÷ requests, latency the machine adds, not the forwarder's work; machine busy: all CPUs, from /proc/stat, median of rounds; errors: failed requests or \
          broken/reordered streams, warm-up included.\n\n",

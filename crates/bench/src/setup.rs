@@ -334,13 +334,14 @@ impl Bench {
     }
 
     /// The sidecar under `tool` (e.g. valgrind and its arguments), on fresh ports; returns
-    /// its data address once it is ready (within `timeout`: tools are slow to start).
+    /// its data and admin addresses once it is ready (within `timeout`: tools are slow to
+    /// start).
     pub fn spawn_sidecar_under(
         &self,
         tool: &[String],
         log: &Path,
         timeout: Duration,
-    ) -> Result<(ProcGuard, SocketAddr), String> {
+    ) -> Result<(ProcGuard, SocketAddr, SocketAddr), String> {
         let (program, args) = tool
             .split_first()
             .ok_or("no tool to run the sidecar under")?;
@@ -352,7 +353,7 @@ impl Bench {
         let mut guard = ProcGuard::spawn("sidecar", cmd, log, false)?;
         procs::wait_listening(addr, timeout, Some(&mut guard))?;
         wait_ready(admin, timeout)?;
-        Ok((guard, addr))
+        Ok((guard, addr, admin))
     }
 
     /// A second nginx reverse proxy, configured as the first but as one process (no
@@ -447,17 +448,22 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> std::io::Result<String> {
 impl Bench {
     /// Upstream connections the current sidecar opened so far (its own metric).
     pub fn sidecar_connections(&self) -> Option<u64> {
-        let text = admin_get(self.sidecar_admin, "/metrics").ok()?;
-        let n = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("provider_proxy_upstream_connections_total{")
-                    && l.contains("result=\"ok\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-        Some(n as u64)
+        sidecar_connections(self.sidecar_admin)
     }
+}
+
+/// Upstream connections the sidecar with admin address `admin` opened so far.
+pub fn sidecar_connections(admin: SocketAddr) -> Option<u64> {
+    let text = admin_get(admin, "/metrics").ok()?;
+    let n = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("provider_proxy_upstream_connections_total{")
+                && l.contains("result=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    Some(n as u64)
 }
 
 /// Poll the sidecar's `/readyz` until it answers 200 (config loaded), at most `timeout`.
