@@ -170,208 +170,217 @@ impl Forwarder {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        let started = Instant::now();
-        // No open proxy: only origin-form requests to a provider prefix are served.
-        if req.method() == Method::CONNECT || req.uri().scheme().is_some() {
-            return json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({"error": {"type": "not_a_forward_proxy",
-                    "message": "this sidecar serves /<provider>/<path> only; CONNECT and absolute-form requests are refused"}}),
-            );
-        }
-        let routes = self.config.routes();
-        let (name, rest) = split_provider(req.uri().path());
-        let Some(entry) = routes.get(name).cloned() else {
-            return self.unknown_provider(&routes.snapshot, name);
-        };
-        drop(routes);
-        let provider = entry.provider.clone();
-        let method = req.method().clone();
-        // The log line's path is read back from the URI when it is written (a reference
-        // count, not a copy of the path, per request).
-        let log_uri = req.uri().clone();
-        let mut target = match upstream_path(&provider.upstream, rest, req.uri().query()) {
-            Ok(u) => u,
-            Err(m) => {
+    /// Forward one client request. The future holds no borrow (it is all of a request's
+    /// state, kept in the client connection's memory) and is no `async fn`: that would
+    /// keep `req` twice, as passed and as moved in.
+    #[allow(clippy::manual_async_fn)] // see above: the async fn would be bigger
+    pub fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
+        async move {
+            let started = Instant::now();
+            // No open proxy: only origin-form requests to a provider prefix are served.
+            if req.method() == Method::CONNECT || req.uri().scheme().is_some() {
                 return json_error(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": {"type": "bad_request", "provider": provider.name, "message": m}}),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    serde_json::json!({"error": {"type": "not_a_forward_proxy",
+                    "message": "this sidecar serves /<provider>/<path> only; CONNECT and absolute-form requests are refused"}}),
                 );
             }
-        };
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
-        let slot = BodySlot::new(body);
-        // A guard, not inc/dec: hyper drops this future when the client hangs up before the
-        // response headers, and the gauge must come down then too (found by the soak).
-        let in_flight = GaugeGuard::new(entry.metrics.in_flight(&self.metrics).clone());
-
-        let mut route = if provider.proxy.is_some() {
-            Route::Proxy
-        } else {
-            Route::Direct
-        };
-        let mut fallback_cause = None;
-        // Keep a copy of the headers and target only when a second attempt is possible.
-        let (first_target, first_headers) =
-            if provider.proxy.is_some() && provider.fallback_to_direct {
-                (target.clone(), parts.headers.clone())
-            } else {
-                (
-                    std::mem::take(&mut target),
-                    std::mem::take(&mut parts.headers),
-                )
+            let routes = self.config.routes();
+            let (name, rest) = split_provider(req.uri().path());
+            let Some(entry) = routes.get(name).cloned() else {
+                return self.unknown_provider(&routes.snapshot, name);
             };
-        let mut attempt = self
-            .attempt(
-                &entry,
-                route_path(route),
-                &parts.method,
-                first_target,
-                first_headers,
-                &slot,
-                started.into(),
-            )
-            .await;
-        if let Attempt::NotSent(e) = &attempt
-            && route == Route::Proxy
-        {
-            self.metrics
-                .proxy_failures
-                .with_label_values(&[&provider.name, e.class.as_str()])
-                .inc();
-            if provider.fallback_to_direct && e.class.proxy_path_failure() && slot.untouched() {
-                tracing::warn!(
-                    provider = %provider.name,
-                    proxy = %provider.proxy_display(),
-                    class = e.class.as_str(),
-                    error = %e,
-                    "proxy failed; falling back to a direct connection"
-                );
+            drop(routes);
+            let provider = entry.provider.clone();
+            let method = req.method().clone();
+            // The log line's path is read back from the URI when it is written (a reference
+            // count, not a copy of the path, per request).
+            let log_uri = req.uri().clone();
+            let mut target = match upstream_path(&provider.upstream, rest, req.uri().query()) {
+                Ok(u) => u,
+                Err(m) => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({"error": {"type": "bad_request", "provider": provider.name, "message": m}}),
+                    );
+                }
+            };
+            let (mut parts, body) = req.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(header::HOST);
+            let slot = BodySlot::new(body);
+            // A guard, not inc/dec: hyper drops this future when the client hangs up before the
+            // response headers, and the gauge must come down then too (found by the soak).
+            let in_flight = GaugeGuard::new(entry.metrics.in_flight(&self.metrics).clone());
+
+            let mut route = if provider.proxy.is_some() {
+                Route::Proxy
+            } else {
+                Route::Direct
+            };
+            let mut fallback_cause = None;
+            // Keep a copy of the headers and target only when a second attempt is possible.
+            let (first_target, first_headers) =
+                if provider.proxy.is_some() && provider.fallback_to_direct {
+                    (target.clone(), parts.headers.clone())
+                } else {
+                    (
+                        std::mem::take(&mut target),
+                        std::mem::take(&mut parts.headers),
+                    )
+                };
+            let mut attempt = self
+                .attempt(
+                    &entry,
+                    route_path(route),
+                    &parts.method,
+                    first_target,
+                    first_headers,
+                    &slot,
+                    started.into(),
+                )
+                .await;
+            if let Attempt::NotSent(e) = &attempt
+                && route == Route::Proxy
+            {
                 self.metrics
-                    .fallbacks
+                    .proxy_failures
                     .with_label_values(&[&provider.name, e.class.as_str()])
                     .inc();
-                fallback_cause = Some(e.class);
-                route = Route::Fallback;
-                attempt = self
-                    .attempt(
-                        &entry,
-                        Path::Direct,
-                        &parts.method,
-                        target,
-                        std::mem::take(&mut parts.headers),
-                        &slot,
-                        tokio::time::Instant::now(),
-                    )
-                    .await;
+                if provider.fallback_to_direct && e.class.proxy_path_failure() && slot.untouched() {
+                    tracing::warn!(
+                        provider = %provider.name,
+                        proxy = %provider.proxy_display(),
+                        class = e.class.as_str(),
+                        error = %e,
+                        "proxy failed; falling back to a direct connection"
+                    );
+                    self.metrics
+                        .fallbacks
+                        .with_label_values(&[&provider.name, e.class.as_str()])
+                        .inc();
+                    fallback_cause = Some(e.class);
+                    route = Route::Fallback;
+                    attempt = self
+                        .attempt(
+                            &entry,
+                            Path::Direct,
+                            &parts.method,
+                            target,
+                            std::mem::take(&mut parts.headers),
+                            &slot,
+                            tokio::time::Instant::now(),
+                        )
+                        .await;
+                }
             }
-        }
 
-        // A request answered by the sidecar itself (no upstream response): count it and
-        // write its log line.
-        let record_failure = |status: StatusCode, class: ErrorClass| {
-            entry
-                .metrics
-                .requests(&self.metrics, route, status, NO_PROTOCOL)
-                .inc();
-            log_line(
-                &provider,
-                &method,
-                split_provider(log_uri.path()).1,
-                status,
-                route,
-                fallback_cause,
-                Some(class),
-                false,
-                PROTOCOLS[NO_PROTOCOL],
-                0,
-                slot.bytes_sent(),
-                started,
-            );
-        };
-
-        match attempt {
-            Attempt::Ok(resp, lease) => {
-                let (mut rparts, rbody) = resp.into_parts();
-                let protocol = usize::from(rparts.version == Version::HTTP_2);
-                strip_hop_by_hop(&mut rparts.headers);
-                rparts
-                    .headers
-                    .insert(ROUTE_HEADER_NAME, HeaderValue::from_static(route.as_str()));
-                let status = rparts.status;
+            // A request answered by the sidecar itself (no upstream response): count it and
+            // write its log line.
+            let record_failure = |status: StatusCode, class: ErrorClass| {
                 entry
                     .metrics
-                    .first_byte(&self.metrics, route)
-                    .observe(started.elapsed().as_secs_f64());
-                // Everything the log line needs moves into the body, whose end (or failure,
-                // or the client going away) completes the request.
-                let done = Completion {
-                    metrics: self.metrics.clone(),
-                    pool: self.pool.clone(),
-                    sent: slot,
-                    entry,
-                    lease,
-                    in_flight,
-                    route,
+                    .requests(&self.metrics, route, status, NO_PROTOCOL)
+                    .inc();
+                log_line(
+                    &provider,
+                    &method,
+                    split_provider(log_uri.path()).1,
                     status,
-                    protocol,
-                    method,
-                    log_uri,
+                    route,
                     fallback_cause,
+                    Some(class),
+                    false,
+                    PROTOCOLS[NO_PROTOCOL],
+                    0,
+                    slot.bytes_sent(),
                     started,
-                };
-                let body = ObservedBody::new(rbody, provider.timeouts.body, done);
-                Response::from_parts(rparts, ResponseBody::Stream(body))
-            }
-            Attempt::NotSent(e) => {
-                drop(in_flight);
-                let (status, kind) = match (route, e.class) {
-                    (Route::Proxy, c) if c.proxy_path_failure() => {
-                        self.metrics
-                            .unavailable
-                            .with_label_values(&[&provider.name, e.class.as_str()])
-                            .inc();
-                        (StatusCode::SERVICE_UNAVAILABLE, "proxy_unavailable")
-                    }
-                    (_, ErrorClass::ConnectTimeout) => {
-                        (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
-                    }
-                    // Its own type: an untrusted certificate needs a CA, not a retry.
-                    (_, ErrorClass::UpstreamTls) => {
-                        (StatusCode::BAD_GATEWAY, "upstream_tls_failed")
-                    }
-                    _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
-                };
-                record_failure(status, e.class);
-                self.error_response(
-                    &provider,
-                    route,
-                    status,
-                    kind,
-                    e.class,
-                    &e.message,
-                    fallback_cause,
-                )
-            }
-            Attempt::Failed(class, message) => {
-                drop(in_flight);
-                let status = match class {
-                    ErrorClass::HeadersTimeout => StatusCode::GATEWAY_TIMEOUT,
-                    _ => StatusCode::BAD_GATEWAY,
-                };
-                record_failure(status, class);
-                self.error_response(
-                    &provider,
-                    route,
-                    status,
-                    "upstream_error",
-                    class,
-                    &message,
-                    fallback_cause,
-                )
+                );
+            };
+
+            match attempt {
+                Attempt::Ok(resp, lease) => {
+                    let (mut rparts, rbody) = resp.into_parts();
+                    let protocol = usize::from(rparts.version == Version::HTTP_2);
+                    strip_hop_by_hop(&mut rparts.headers);
+                    rparts
+                        .headers
+                        .insert(ROUTE_HEADER_NAME, HeaderValue::from_static(route.as_str()));
+                    let status = rparts.status;
+                    entry
+                        .metrics
+                        .first_byte(&self.metrics, route)
+                        .observe(started.elapsed().as_secs_f64());
+                    // Everything the log line needs moves into the body, whose end (or failure,
+                    // or the client going away) completes the request.
+                    let done = Completion {
+                        metrics: self.metrics.clone(),
+                        pool: self.pool.clone(),
+                        sent: slot,
+                        entry,
+                        lease,
+                        in_flight,
+                        route,
+                        status,
+                        protocol,
+                        method,
+                        log_uri,
+                        fallback_cause,
+                        started,
+                    };
+                    let body = ObservedBody::new(rbody, provider.timeouts.body, done);
+                    Response::from_parts(rparts, ResponseBody::Stream(body))
+                }
+                Attempt::NotSent(e) => {
+                    drop(in_flight);
+                    let (status, kind) = match (route, e.class) {
+                        (Route::Proxy, c) if c.proxy_path_failure() => {
+                            self.metrics
+                                .unavailable
+                                .with_label_values(&[&provider.name, e.class.as_str()])
+                                .inc();
+                            (StatusCode::SERVICE_UNAVAILABLE, "proxy_unavailable")
+                        }
+                        (_, ErrorClass::ConnectTimeout) => {
+                            (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+                        }
+                        // Its own type: an untrusted certificate needs a CA, not a retry.
+                        (_, ErrorClass::UpstreamTls) => {
+                            (StatusCode::BAD_GATEWAY, "upstream_tls_failed")
+                        }
+                        _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+                    };
+                    record_failure(status, e.class);
+                    self.error_response(
+                        &provider,
+                        route,
+                        status,
+                        kind,
+                        e.class,
+                        &e.message,
+                        fallback_cause,
+                    )
+                }
+                Attempt::Failed(class, message) => {
+                    drop(in_flight);
+                    let status = match class {
+                        ErrorClass::HeadersTimeout => StatusCode::GATEWAY_TIMEOUT,
+                        _ => StatusCode::BAD_GATEWAY,
+                    };
+                    record_failure(status, class);
+                    self.error_response(
+                        &provider,
+                        route,
+                        status,
+                        "upstream_error",
+                        class,
+                        &message,
+                        fallback_cause,
+                    )
+                }
             }
         }
     }
@@ -393,21 +402,26 @@ impl Forwarder {
             Ok(l) => l,
             Err(e) => return Attempt::NotSent(e),
         };
-        let mut req = Request::new(RequestBody::Left(slot.attempt()));
-        *req.method_mut() = method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = headers;
-        if path == Path::Proxy
-            && !provider.upstream.is_https()
-            && let Some(p) = &provider.proxy
-            && matches!(p.url.scheme(), ProxyScheme::Http | ProxyScheme::Https)
-            && let Some(auth) = crate::connector::proxy_authorization(&p.url)
-        {
-            // Absolute-form through an HTTP proxy: credentials ride on each request.
-            req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
-        }
         let deadline = crate::pool::deadline(started, provider.timeouts.headers);
-        match lease.agent().send(req, deadline).await {
+        // The request is built in a block of its own: a local that lives on past the await
+        // keeps its bytes in this future beside the send's copy of it.
+        let sent = {
+            let mut req = Request::new(RequestBody::Left(slot.attempt()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri;
+            *req.headers_mut() = headers;
+            if path == Path::Proxy
+                && !provider.upstream.is_https()
+                && let Some(p) = &provider.proxy
+                && matches!(p.url.scheme(), ProxyScheme::Http | ProxyScheme::Https)
+                && let Some(auth) = crate::connector::proxy_authorization(&p.url)
+            {
+                // Absolute-form through an HTTP proxy: credentials ride on each request.
+                req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
+            }
+            lease.agent().send(req, deadline)
+        };
+        match sent.await {
             Ok(resp) => Attempt::Ok(resp, lease),
             Err(SendError::Connect(e)) => {
                 if e.class.marks_unhealthy() {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -36,8 +37,9 @@ pub async fn serve_data(
 /// The data port's service: every request to the forwarder.
 pub(crate) fn data_service(forwarder: Arc<Forwarder>) -> impl HttpService<ResponseBody> {
     service_fn(move |req: Request<Incoming>| {
-        let f = forwarder.clone();
-        async move { Ok::<_, Infallible>(f.handle(req).await) }
+        // `map`, not an async block: awaiting the answer inside one would keep it twice
+        // (as captured and as awaited), and this future is every request's state.
+        forwarder.clone().handle(req).map(Ok::<_, Infallible>)
     })
 }
 

@@ -25,7 +25,7 @@ mod util;
 
 pub use certs::TestPki;
 pub use fault::{Behavior, FaultProxy, closed_port};
-pub use process::ChildGuard;
+pub use process::{ChildGuard, StderrTail};
 pub use proxies::{Dante, DanteOptions, Microsocks, Squid, SquidOptions};
 pub use upstream::{RecordedRequest, Upstream, UpstreamOptions};
 pub use util::free_port;

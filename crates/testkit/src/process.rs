@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 /// A running child process; killed and reaped when dropped.
@@ -23,6 +24,47 @@ impl ChildGuard {
             s
         });
         Ok((Self(child), reader))
+    }
+
+    /// Start `cmd`, collecting its stderr as it comes, readable while it runs: a test can
+    /// wait for a line before it stops the process (a line still queued in the process's
+    /// log writer is lost when it is killed).
+    pub fn spawn_sharing_stderr(cmd: &mut Command) -> std::io::Result<(Self, StderrTail)> {
+        let mut child = cmd.stderr(Stdio::piped()).spawn()?;
+        let stderr = child.stderr.take();
+        let text = Arc::new(Mutex::new(String::new()));
+        let sink = text.clone();
+        let reader = std::thread::spawn(move || {
+            let Some(mut e) = stderr else { return };
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = e.read(&mut buf) {
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Ok((Self(child), StderrTail { text, reader }))
+    }
+}
+
+/// A child's stderr so far (see [`ChildGuard::spawn_sharing_stderr`]).
+pub struct StderrTail {
+    text: Arc<Mutex<String>>,
+    reader: JoinHandle<()>,
+}
+
+impl StderrTail {
+    pub fn contains(&self, needle: &str) -> bool {
+        self.text
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(needle)
+    }
+
+    /// Everything, once the process has closed its stderr (exited or was killed).
+    pub fn finish(self) -> String {
+        let _ = self.reader.join();
+        std::mem::take(&mut *self.text.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

@@ -144,16 +144,20 @@ async fn with_io<F: Future>(io: &mut H1Io, fut: F) -> F::Output {
 }
 
 /// [`with_io`] until `deadline`, behind the connection's gate: `None` if it passes first.
-async fn with_io_until<F: Future>(
-    io: &mut H1Io,
-    timer: &mut HeadersTimer,
-    gate: &WakeGate,
+///
+/// `fut` comes pinned by the caller, and this is no `async fn`: an `async fn` keeps a
+/// future argument twice (as passed and as pinned), and this future is part of every
+/// request's, which lives in the client connection's memory; a smaller one is fewer
+/// cache lines per request.
+fn with_io_until<'a, F: Future>(
+    io: &'a mut H1Io,
+    timer: &'a mut HeadersTimer,
+    gate: &'a WakeGate,
     deadline: Instant,
-    fut: F,
-) -> Option<F::Output> {
-    let mut fut = pin!(fut);
+    mut fut: Pin<&'a mut F>,
+) -> impl Future<Output = Option<F::Output>> + 'a {
     let mut quiet = Quiet::default();
-    poll_fn(|cx| {
+    poll_fn(move |cx| {
         gate.poll(cx, &mut quiet, |cx| {
             let _ = io.poll(cx);
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
@@ -162,7 +166,6 @@ async fn with_io_until<F: Future>(
             timer.poll_passed(deadline, cx).map(|()| None)
         })
     })
-    .await
 }
 
 /// The headers deadline of the request on an HTTP/1.1 connection: one tokio timer for the
@@ -345,98 +348,110 @@ impl ConnSet {
 
     /// Send `req` (origin-form URI: path and query) to the upstream; the response headers
     /// must be in by `deadline`, finding a connection included.
-    pub async fn send(
+    ///
+    /// An `async` block rather than an `async fn`, which would keep `req` twice (see
+    /// [`with_io_until`]).
+    #[allow(clippy::manual_async_fn)] // see above: the async fn would be bigger
+    pub fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         deadline: Instant,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let shard = self.current_shard();
-        // After a connection turned out closed, look at every idle one (see `take_usable`).
-        let mut careful = false;
-        for _ in 0..SEND_ATTEMPTS {
-            match self.checkout(shard, deadline, careful).await? {
-                Sender::H1(mut conn) => {
-                    // A new connection is ready once its I/O ran.
-                    if !conn.sender.is_ready() {
-                        let ready = conn.sender.ready();
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + '_ {
+        async move {
+            let shard = self.current_shard();
+            // After a connection turned out closed, look at every idle one (see `take_usable`).
+            let mut careful = false;
+            for _ in 0..SEND_ATTEMPTS {
+                match self.checkout(shard, deadline, careful).await? {
+                    Sender::H1(mut conn) => {
+                        // A new connection is ready once its I/O ran.
+                        if !conn.sender.is_ready() {
+                            let ready = pin!(conn.sender.ready());
+                            match with_io_until(
+                                &mut conn.io,
+                                &mut conn.timer,
+                                &conn.gate,
+                                deadline,
+                                ready,
+                            )
+                            .await
+                            {
+                                None => return Err(SendError::HeadersTimeout),
+                                Some(Err(_)) => continue, // closed before use: nothing sent
+                                Some(Ok(())) => {}
+                            }
+                        }
+                        // The forwarder's origin-form URI goes out as it is (no copy); only
+                        // absolute form, or a request handed back by an h2 connection, needs
+                        // a new one.
+                        if self.target.absolute_form {
+                            *req.uri_mut() = self.absolute(req.uri());
+                        } else if req.uri().scheme().is_some() {
+                            *req.uri_mut() = Uri::from(origin_form(req.uri()));
+                        }
+                        req.headers_mut()
+                            .insert(header::HOST, self.target.host.clone());
+                        let sent = pin!(conn.sender.try_send_request(req));
                         match with_io_until(
                             &mut conn.io,
                             &mut conn.timer,
                             &conn.gate,
                             deadline,
-                            ready,
+                            sent,
                         )
                         .await
                         {
                             None => return Err(SendError::HeadersTimeout),
-                            Some(Err(_)) => continue, // closed before use: nothing sent
-                            Some(Ok(())) => {}
+                            Some(Ok(resp)) => {
+                                let conn = ConnLease {
+                                    h1: Some((self.clone(), shard, conn)),
+                                };
+                                return Ok(resp.map(|body| UpstreamBody {
+                                    body,
+                                    conn,
+                                    quiet: Quiet::default(),
+                                }));
+                            }
+                            Some(Err(mut e)) => match e.take_message() {
+                                Some(back) => {
+                                    req = back;
+                                    careful = true;
+                                }
+                                None => return Err(SendError::Http(e.into_error())),
+                            },
                         }
                     }
-                    // The forwarder's origin-form URI goes out as it is (no copy); only
-                    // absolute form, or a request handed back by an h2 connection, needs
-                    // a new one.
-                    if self.target.absolute_form {
+                    Sender::H2(mut sender) => {
                         *req.uri_mut() = self.absolute(req.uri());
-                    } else if req.uri().scheme().is_some() {
-                        *req.uri_mut() = Uri::from(origin_form(req.uri()));
-                    }
-                    req.headers_mut()
-                        .insert(header::HOST, self.target.host.clone());
-                    let sent = conn.sender.try_send_request(req);
-                    match with_io_until(&mut conn.io, &mut conn.timer, &conn.gate, deadline, sent)
-                        .await
-                    {
-                        None => return Err(SendError::HeadersTimeout),
-                        Some(Ok(resp)) => {
-                            let conn = ConnLease {
-                                h1: Some((self.clone(), shard, conn)),
-                            };
-                            return Ok(resp.map(|body| UpstreamBody {
-                                body,
-                                conn,
-                                quiet: Quiet::default(),
-                            }));
-                        }
-                        Some(Err(mut e)) => match e.take_message() {
-                            Some(back) => {
-                                req = back;
-                                careful = true;
+                        req.headers_mut().remove(header::HOST);
+                        let sent = tokio::time::timeout_at(deadline, sender.try_send_request(req));
+                        match sent.await.map_err(|_| SendError::HeadersTimeout)? {
+                            Ok(resp) => {
+                                let conn = ConnLease { h1: None };
+                                return Ok(resp.map(|body| UpstreamBody {
+                                    body,
+                                    conn,
+                                    quiet: Quiet::default(),
+                                }));
                             }
-                            None => return Err(SendError::Http(e.into_error())),
-                        },
-                    }
-                }
-                Sender::H2(mut sender) => {
-                    *req.uri_mut() = self.absolute(req.uri());
-                    req.headers_mut().remove(header::HOST);
-                    let sent = tokio::time::timeout_at(deadline, sender.try_send_request(req));
-                    match sent.await.map_err(|_| SendError::HeadersTimeout)? {
-                        Ok(resp) => {
-                            let conn = ConnLease { h1: None };
-                            return Ok(resp.map(|body| UpstreamBody {
-                                body,
-                                conn,
-                                quiet: Quiet::default(),
-                            }));
+                            Err(mut e) => match e.take_message() {
+                                Some(back) => {
+                                    req = back;
+                                    careful = true;
+                                }
+                                None => return Err(SendError::Http(e.into_error())),
+                            },
                         }
-                        Err(mut e) => match e.take_message() {
-                            Some(back) => {
-                                req = back;
-                                careful = true;
-                            }
-                            None => return Err(SendError::Http(e.into_error())),
-                        },
                     }
                 }
             }
+            Err(SendError::Connect(ConnectError::new(
+                ErrorClass::ConnectIo,
+                format!(
+                    "{SEND_ATTEMPTS} connections to the upstream closed before the request could be sent"
+                ),
+            )))
         }
-        Err(SendError::Connect(ConnectError::new(
-            ErrorClass::ConnectIo,
-            format!(
-                "{SEND_ATTEMPTS} connections to the upstream closed before the request could be sent"
-            ),
-        )))
     }
 
     /// `uri`'s path and query on the upstream's scheme and authority.

@@ -200,12 +200,14 @@ impl Agent {
     /// Send `req` (origin-form URI) on one of this agent's connections; its response
     /// headers must be in by `deadline` ([`deadline`]). The response body holds an
     /// HTTP/1.1 connection until it is done with.
-    pub async fn send(
+    pub fn send(
         &self,
         req: Request<RequestBody>,
         deadline: Instant,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        self.conns.send(req, deadline).await
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + '_ {
+        // The connection set's future as it is: an `async fn` around it would hold `req`
+        // once more.
+        self.conns.send(req, deadline)
     }
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
