@@ -17,7 +17,7 @@ fn main() -> ExitCode {
                  BENCH_SIDECAR_B_BIN, \
                  BENCH_SIDECAR_LOG, BENCH_NGINX_WORKERS, BENCH_DANTE_CRYPT, BENCH_OUT\n\
                  provider-proxy-bench instructions  user-space instructions per request under callgrind \
-                 (make bench-instructions); env: BENCH_INSTR_REQUESTS, BENCH_INSTR_WARMUP, BENCH_INSTR_STREAMS, BENCH_INSTR_PROFILES (keep the callgrind profiles there), BENCH_SIDECAR_BIN, BENCH_OUT\n\
+                 (make bench-instructions); env: BENCH_INSTR_REQUESTS, BENCH_INSTR_WARMUP, BENCH_INSTR_STREAMS, BENCH_INSTR_CONNS, BENCH_INSTR_CONN_REQUESTS, BENCH_INSTR_PROFILES (keep the callgrind profiles there), BENCH_SIDECAR_BIN, BENCH_OUT\n\
                  provider-proxy-bench sse-upstream --listen ADDR --cert PEM --key PEM"
             );
             Ok(())
