@@ -1,6 +1,7 @@
 //! The forwarder: `/<provider>/<rest>` → the provider's upstream, through its proxy, with
 //! fallback, timeouts, streaming, one log line and metrics per request.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -404,24 +405,28 @@ impl Forwarder {
         };
         let deadline = crate::pool::deadline(started, provider.timeouts.headers);
         // The request is built in a block of its own: a local that lives on past the await
-        // keeps its bytes in this future beside the send's copy of it.
+        // keeps its bytes in this future beside the send's copy of it. The send is pinned
+        // where it is built rather than moved into the await (a copy of all its bytes).
         let sent = {
-            let mut req = Request::new(RequestBody::Left(slot.attempt()));
-            *req.method_mut() = method.clone();
-            *req.uri_mut() = uri;
-            *req.headers_mut() = headers;
-            if path == Path::Proxy
-                && !provider.upstream.is_https()
-                && let Some(p) = &provider.proxy
-                && matches!(p.url.scheme(), ProxyScheme::Http | ProxyScheme::Https)
-                && let Some(auth) = crate::connector::proxy_authorization(&p.url)
-            {
-                // Absolute-form through an HTTP proxy: credentials ride on each request.
-                req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
-            }
-            lease.agent().send(req, deadline)
+            let send = pin!({
+                let mut req = Request::new(RequestBody::Left(slot.attempt()));
+                *req.method_mut() = method.clone();
+                *req.uri_mut() = uri;
+                *req.headers_mut() = headers;
+                if path == Path::Proxy
+                    && !provider.upstream.is_https()
+                    && let Some(p) = &provider.proxy
+                    && matches!(p.url.scheme(), ProxyScheme::Http | ProxyScheme::Https)
+                    && let Some(auth) = crate::connector::proxy_authorization(&p.url)
+                {
+                    // Absolute-form through an HTTP proxy: credentials ride on each request.
+                    req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
+                }
+                lease.agent().send(req, deadline)
+            });
+            send.await
         };
-        match sent.await {
+        match sent {
             Ok(resp) => Attempt::Ok(resp, lease),
             Err(SendError::Connect(e)) => {
                 if e.class.marks_unhealthy() {
