@@ -12,6 +12,10 @@
 //! kernel's share, 60 % of a request here, and cache behaviour are not in them) but they
 //! show what a change in user space is worth, and how our user space compares with
 //! nginx's.
+//!
+//! A third count covers what one connection cannot show: JSON over many connections at
+//! once (256) with callgrind's cache simulation on, for nginx and the sidecar direct, so
+//! that per-connection state gone cold shows as L1d and L2 misses per request.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
