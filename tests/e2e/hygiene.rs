@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use provider_proxy_testkit::{
-    Behavior, ChildGuard, FaultProxy, Squid, SquidOptions, Upstream, UpstreamOptions, free_port,
+    Behavior, ChildGuard, FaultProxy, Squid, SquidOptions, StderrTail, Upstream, UpstreamOptions,
+    free_port,
 };
 
 use crate::observability::secret_forms;
@@ -31,7 +32,7 @@ pub fn binary() -> PathBuf {
     bin
 }
 
-fn spawn_capturing_stderr(cmd: &mut Command) -> (ChildGuard, std::thread::JoinHandle<String>) {
+fn spawn_capturing_stderr(cmd: &mut Command) -> (ChildGuard, StderrTail) {
     ChildGuard::spawn_capturing_stderr(cmd).unwrap()
 }
 
@@ -156,10 +157,7 @@ async fn no_password_in_any_output_channel() {
     threads.sort();
     assert_eq!(threads, ["pp-worker-1", "pp-worker-2", "pp-worker-3"]);
     drop(sidecar);
-    outputs.push((
-        "sidecar logs (trace, json)".into(),
-        log_reader.join().unwrap(),
-    ));
+    outputs.push(("sidecar logs (trace, json)".into(), log_reader.finish()));
 
     // `check` and `--help`, at trace level too.
     for args in [vec!["check", "-f"], vec!["check", "--json", "-f"]] {
@@ -294,7 +292,7 @@ async fn controller_logs_carry_no_password() {
         .env("RUST_LOG", "trace")
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null());
-    let (controller, log_tail) = ChildGuard::spawn_sharing_stderr(&mut cmd).unwrap();
+    let (controller, log_tail) = spawn_capturing_stderr(&mut cmd);
     cluster.apply(&manifests);
     cluster.wait_ready_reason("ai", "ok", "Ready").await;
     cluster

@@ -393,7 +393,7 @@ async fn log_level_changes_at_runtime_in_both_binaries() {
         broken_client().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(process);
-        let logs = logs.join().unwrap();
+        let logs = logs.finish();
         assert!(
             logs.contains("log level changed through the admin port"),
             "{name}: {logs}"

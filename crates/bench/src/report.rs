@@ -284,7 +284,10 @@ impl ScenarioResult {
             ok,
             conns: cells.iter().filter_map(|c| c.upstream_conns).max(),
             fwd_sched_wait_us: per_req(&|c| c.fwd_sched_wait),
-            fwd_runs_per_req: per_req(&|c| c.fwd_runs).map(|v| v / 1e6),
+            fwd_runs_per_req: {
+                let runs: Option<f64> = cells.iter().map(|c| c.fwd_runs).sum();
+                runs.map(|r| r / ok.max(1) as f64)
+            },
             fwd_kernel_pct: {
                 let sys: Option<f64> = cells.iter().map(|c| c.fwd_sys).sum();
                 let all: Option<f64> = cells.iter().map(|c| c.fwd_cpu).sum();

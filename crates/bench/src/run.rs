@@ -334,13 +334,16 @@ fn up_group(b: &Bench, sc: Scenario) -> Group {
     }
 }
 
-/// CPU ticks of (forwarder, proxy, upstream, load generator).
-fn cpu_now(fwd: Option<Group>, proxy: Option<Group>, up: Group) -> [Option<u64>; 4] {
+/// CPU ticks of (forwarder, proxy, upstream, load generator, forwarder in the kernel);
+/// the forwarder's two from one read of its processes.
+fn cpu_now(fwd: Option<Group>, proxy: Option<Group>, up: Group) -> [Option<u64>; 5] {
+    let fwd = fwd.map(|g| procs::group_user_sys_ticks(g.pgid));
     [
-        fwd.map(|g| procs::group_cpu_ticks(g.pgid)),
+        fwd.map(|(user, sys)| user + sys),
         proxy.map(|g| procs::group_cpu_ticks(g.pgid)),
         Some(procs::group_cpu_ticks(up.pgid)),
         Some(procs::self_cpu_ticks()),
+        fwd.map(|(_, sys)| sys),
     ]
 }
 
@@ -379,12 +382,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     let end = start + Duration::from_secs_f64(cfg.seconds);
     let contention = move || {
         (
-            fwd.map(|g| {
-                (
-                    procs::group_sched(g.pgid),
-                    procs::group_user_sys_ticks(g.pgid).1,
-                )
-            }),
+            fwd.map(|g| procs::group_sched(g.pgid)),
             procs::machine_cpu_ticks(),
         )
     };
@@ -412,10 +410,9 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
                 .zip(z.iter())
                 .map(|(a, z)| Some(z.as_ref()?.saturating_sub(*a.as_ref()?) as f64 / ticks))
                 .collect();
-            let sched = wa.zip(wz).map(|((a, sys_a), (z, sys_z))| FwdSched {
+            let sched = wa.zip(wz).map(|(a, z)| FwdSched {
                 wait: z.wait_ns.saturating_sub(a.wait_ns) as f64 / 1e9,
                 runs: z.runs.saturating_sub(a.runs) as f64,
-                sys: sys_z.saturating_sub(sys_a) as f64 / ticks,
             });
             let busy = ma.zip(mz).and_then(|((ba, ta), (bz, tz))| {
                 let total = tz.saturating_sub(ta);
@@ -423,7 +420,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
             });
             ((tz - ta).as_secs_f64(), d, sched, busy)
         }
-        None => (cfg.seconds, vec![None; 4], None, None),
+        None => (cfg.seconds, vec![None; 5], None, None),
     };
     Cell {
         load,
@@ -436,20 +433,18 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
         upstream_conns,
         fwd_sched_wait: fwd_sched.map(|s| s.wait),
         fwd_runs: fwd_sched.map(|s| s.runs),
-        fwd_sys: fwd_sched.map(|s| s.sys),
+        fwd_sys: d[4],
         machine_busy,
     }
 }
 
-/// The forwarder's scheduling and kernel time over a cell's window.
+/// The forwarder's scheduling over a cell's window.
 #[derive(Clone, Copy)]
 struct FwdSched {
     /// Seconds runnable but not running.
     wait: f64,
     /// Times its threads got a CPU.
     runs: f64,
-    /// CPU seconds in the kernel.
-    sys: f64,
 }
 
 /// One connection, a fraction of a second, per peer and kind: a broken path fails the run
