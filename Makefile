@@ -87,27 +87,34 @@ clean-tools:
 	rm -rf $(TOOLS)
 
 # ---------------------------------------------------------------- benchmark (issue 9)
-BENCH_APT := nginx-light squid dante-server apache2-utils
+BENCH_APT := nginx-light squid dante-server apache2-utils valgrind
 BENCH_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
-.PHONY: bench bench-micro bench-instructions
+PGO_BIN := $(BENCH_TARGET_DIR)/pgo/provider-proxy
+# The shipped build (PGO) is the sidecar measured; the plain release build runs beside it
+# as build B, so that one run shows what the profile is worth.
+BENCH_BUILDS = BENCH_SIDECAR_BIN=$${BENCH_SIDECAR_BIN:-$(PGO_BIN)} \
+  BENCH_SIDECAR_B_BIN=$${BENCH_SIDECAR_B_BIN:-$(BENCH_TARGET_DIR)/release/provider-proxy} \
+  BENCH_SIDECAR_B_LABEL="$${BENCH_SIDECAR_B_LABEL:-sidecar, direct, no PGO}" \
+  BENCH_OUT=$${BENCH_OUT:-$(CURDIR)/bench/results}
+.PHONY: release bench-deps bench bench-micro bench-instructions
 
-bench: ## Load benchmark on loopback: sidecar vs straight, nginx, via Squid/Dante (BENCH_SECONDS, BENCH_ROUNDS, …).
+bench-deps:
 	@missing=""; for p in $(BENCH_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	$(CARGO) build --release --locked -p provider-proxy -p provider-proxy-bench --bins
-	BENCH_OUT=$${BENCH_OUT:-$(CURDIR)/bench/results} $(BENCH_TARGET_DIR)/release/provider-proxy-bench run
 
-bench-instructions: ## User-space instructions per request, sidecar vs nginx, under callgrind (repeatable).
-	@missing=""; for p in $(BENCH_APT) valgrind; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+release: bench-deps ## The shipped binary, built with a profile of its hot path (PGO, bench/pgo.sh): target/pgo/provider-proxy.
+	CARGO="$(CARGO)" bench/pgo.sh
+
+bench: release ## Load benchmark on loopback: sidecar vs straight, nginx, via Squid/Dante (BENCH_SECONDS, BENCH_ROUNDS, …).
 	$(CARGO) build --release --locked -p provider-proxy -p provider-proxy-bench --bins
-	BENCH_OUT=$${BENCH_OUT:-$(CURDIR)/bench/results} $(BENCH_TARGET_DIR)/release/provider-proxy-bench instructions
+	$(BENCH_BUILDS) $(BENCH_TARGET_DIR)/release/provider-proxy-bench run
+
+bench-instructions: release ## User-space instructions per request, sidecar vs nginx, under callgrind (repeatable).
+	$(CARGO) build --release --locked -p provider-proxy -p provider-proxy-bench --bins
+	$(BENCH_BUILDS) $(BENCH_TARGET_DIR)/release/provider-proxy-bench instructions
 
 bench-micro: ## Micro-benchmarks of the sidecar's hot functions (divan).
 	$(CARGO) bench --locked -p provider-proxy-bench --bench hot

@@ -1751,7 +1751,30 @@ fn dockerfile_builds_the_image_the_chart_runs() {
             .is_some_and(|f| f.contains("gcr.io/distroless/")),
         "runs on distroless: {froms:?}"
     );
-    assert!(dockerfile.contains("cargo build --release --locked -p provider-proxy"));
+    // The image ships the profile-guided build, as `make release` makes it: the script
+    // that builds it is in the build context, and the builder has what its training runs.
+    assert!(
+        lines.iter().any(|l| l.starts_with("bench/pgo.sh")),
+        "the builder runs bench/pgo.sh"
+    );
+    assert!(
+        dockerfile.contains("install -D -m 0755 target/pgo/provider-proxy /out/provider-proxy")
+    );
+    assert!(dockerfile.contains("rustup component add llvm-tools"));
+    for package in ["nginx-light", "squid", "dante-server", "apache2-utils"] {
+        assert!(
+            dockerfile.contains(package),
+            "the PGO training needs {package} in the builder"
+        );
+    }
+    let pgo = read("bench/pgo.sh");
+    assert!(
+        pgo.contains("-Cprofile-use="),
+        "bench/pgo.sh builds with the profile"
+    );
+    assert!(pgo.contains(
+        "cargo\" build --release --locked -p provider-proxy --target-dir \"$pgo/optimised\""
+    ));
     assert!(lines.contains(&r#"ENTRYPOINT ["/provider-proxy"]"#));
 
     // A numeric user (the kubelet cannot check runAsNonRoot for a name), the chart's.
@@ -1786,6 +1809,12 @@ fn dockerfile_builds_the_image_the_chart_runs() {
             ".dockerignore lacks {entry}"
         );
     }
+    assert!(
+        !ignore
+            .lines()
+            .any(|l| ["bench", "bench/", "bench/pgo.sh"].contains(&l.trim())),
+        "bench/pgo.sh must be in the build context"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -15,7 +15,11 @@
 //!
 //! A third count covers what one connection cannot show: JSON over many connections at
 //! once (256) with callgrind's cache simulation on, for nginx and the sidecar direct, so
-//! that per-connection state gone cold shows as L1d and L2 misses per request.
+//! that per-connection state gone cold shows as L1d and L2 misses per request, and code
+//! that does not fit the instruction cache as L1i misses.
+//!
+//! With `BENCH_SIDECAR_B_BIN` a second build is counted on the direct route as well (`make
+//! bench-instructions`: the build without PGO, to show what the profile is worth).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,7 +29,7 @@ use std::time::Duration;
 use crate::load::{Expect, RequestTemplate, Sequential, Target, Via};
 use crate::procs::ProcGuard;
 use crate::run::{env_num, setup_options};
-use crate::setup::{self, Bench, Path3};
+use crate::setup::{self, Bench, Path3, SidecarRun};
 
 /// valgrind starts a program 20–50× slower than it runs natively.
 const START: Duration = Duration::from_secs(90);
@@ -35,15 +39,24 @@ const START: Duration = Duration::from_secs(90);
 enum Counted {
     Nginx,
     Sidecar(Path3),
+    /// The build in `BENCH_SIDECAR_B_BIN`, direct.
+    SidecarB,
 }
 
 impl Counted {
-    const ALL: [Counted; 4] = [
-        Counted::Nginx,
-        Counted::Sidecar(Path3::Direct),
-        Counted::Sidecar(Path3::Squid),
-        Counted::Sidecar(Path3::Dante),
-    ];
+    /// The B build last, when there is one.
+    fn all(with_b: bool) -> Vec<Counted> {
+        let mut all = vec![
+            Counted::Nginx,
+            Counted::Sidecar(Path3::Direct),
+            Counted::Sidecar(Path3::Squid),
+            Counted::Sidecar(Path3::Dante),
+        ];
+        if with_b {
+            all.push(Counted::SidecarB);
+        }
+        all
+    }
 
     fn label(self) -> String {
         match self {
@@ -51,6 +64,7 @@ impl Counted {
             Counted::Sidecar(Path3::Direct) => "sidecar, direct".into(),
             Counted::Sidecar(Path3::Squid) => "sidecar via Squid".into(),
             Counted::Sidecar(Path3::Dante) => "sidecar via Dante".into(),
+            Counted::SidecarB => crate::report::sidecar_b_label(),
         }
     }
 
@@ -58,6 +72,7 @@ impl Counted {
         match self {
             Counted::Nginx => "nginx".into(),
             Counted::Sidecar(p) => format!("sidecar-{}", p.as_str()),
+            Counted::SidecarB => "sidecar-b".into(),
         }
     }
 
@@ -66,6 +81,7 @@ impl Counted {
         match self {
             Counted::Nginx => format!("/{kind}/v1/messages"),
             Counted::Sidecar(p) => format!("/{kind}-{}/v1/messages", p.as_str()),
+            Counted::SidecarB => format!("/{kind}-{}/v1/messages", Path3::Direct.as_str()),
         }
     }
 }
@@ -112,14 +128,16 @@ pub fn main() -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     eprintln!("bench: starting nginx (upstream), Squid, Dante …");
-    let bench = Bench::start(&setup_options())?;
+    let options = setup_options();
+    let with_b = options.sidecar_b_bin.is_some();
+    let bench = Bench::start(&options)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
 
     let mut rows = Vec::new();
-    for fwd in Counted::ALL {
+    for fwd in Counted::all(with_b) {
         eprintln!("  {:<28} under callgrind", fwd.label());
         let profile = bench.dir.path().join(format!("callgrind-{}", fwd.key()));
         let mut tool = vec![
@@ -138,8 +156,13 @@ pub fn main() -> Result<(), String> {
                 let (guard, addr) = bench.spawn_nginx_rp_under(&tool, &log, START)?;
                 (guard, addr, None)
             }
-            Counted::Sidecar(_) => {
-                let (guard, addr, admin) = bench.spawn_sidecar_under(&tool, &log, START)?;
+            Counted::Sidecar(_) | Counted::SidecarB => {
+                let run = if fwd == Counted::SidecarB {
+                    SidecarRun::BuildB
+                } else {
+                    SidecarRun::Default
+                };
+                let (guard, addr, admin) = bench.spawn_sidecar_under(&tool, run, &log, START)?;
                 (guard, addr, Some(admin))
             }
         };
@@ -180,8 +203,14 @@ pub fn main() -> Result<(), String> {
             let counts = counts.per(leg.exchanges());
             *per = Some(counts);
             eprintln!(
-                "  {:<28} {} on {} connections: {:.0} instructions, {:.1} D1 misses, {:.1} LL misses per request",
-                "", leg.kind, leg.conns, counts.ir, counts.d1_misses, counts.ll_misses
+                "  {:<28} {} on {} connections: {:.0} instructions, {:.1} I1, {:.1} D1, {:.1} LL misses per request",
+                "",
+                leg.kind,
+                leg.conns,
+                counts.ir,
+                counts.i1_misses,
+                counts.d1_misses,
+                counts.ll_misses
             );
             if let Some(dir) = &keep {
                 let kept = dir.join(format!(
@@ -269,6 +298,7 @@ struct Row {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Counts {
     ir: f64,
+    i1_misses: f64,
     d1_misses: f64,
     ll_misses: f64,
 }
@@ -278,6 +308,7 @@ impl Counts {
         let n = n.max(1) as f64;
         Self {
             ir: self.ir / n,
+            i1_misses: self.i1_misses / n,
             d1_misses: self.d1_misses / n,
             ll_misses: self.ll_misses / n,
         }
@@ -436,6 +467,7 @@ fn parse_counts(profile: &str) -> Option<Counts> {
     let ir = names.iter().position(|n| *n == "Ir")?;
     Some(Counts {
         ir: *values.get(ir)? as f64,
+        i1_misses: get("I1mr"),
         d1_misses: get("D1mr") + get("D1mw"),
         ll_misses: get("DLmr") + get("DLmw"),
     })
@@ -480,12 +512,13 @@ fn render(rows: &[Row], json: &Leg, sse: &Leg, many: &Leg) -> String {
         "\n### Many connections: what a request costs the caches\n\n\
          JSON over {conns} keep-alive connections at once ({n} requests on each after {w} \
          warm-up ones, so every connection has its upstream connection), against the single \
-         connection above; callgrind simulates one core's caches (32 KiB L1d, the 1 MiB L2 as \
-         last level). Data misses per request: an L1 miss costs a few ns, a last-level miss \
-         tens, so the growth from one connection to {conns} is what connection state that \
-         does not stay in cache costs.\n\n\
-         | forwarder | instructions per request at {conns} | × nginx | × at 1 connection | L1d misses per request at 1 | at {conns} | L2 misses per request at 1 | at {conns} | × nginx |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         connection above; callgrind simulates one core's caches (32 KiB L1i and L1d, the 1 MiB \
+         L2 as last level). Misses per request: an L1 miss costs a few ns, a last-level miss \
+         tens. Instruction misses are code a request runs that is not in L1i (code size and \
+         layout); the growth in data misses from one connection to {conns} is what connection \
+         state that does not stay in cache costs.\n\n\
+         | forwarder | instructions per request at {conns} | × nginx | × at 1 connection | L1i misses per request at 1 | at {conns} | × nginx | L1d misses per request at 1 | at {conns} | L2 misses per request at 1 | at {conns} | × nginx |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         conns = many.conns,
         n = many.counted,
         w = many.warmup,
@@ -497,11 +530,14 @@ fn render(rows: &[Row], json: &Leg, sse: &Leg, many: &Leg) -> String {
     for r in rows {
         let Some(many) = r.many else { continue };
         md.push_str(&format!(
-            "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} |\n",
+            "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} |\n",
             r.fwd.label(),
             many.ir,
             ratio(many.ir, nginx_many.map(|m| m.ir)),
             ratio(many.ir, Some(r.json.ir)),
+            r.json.i1_misses,
+            many.i1_misses,
+            ratio(many.i1_misses, nginx_many.map(|m| m.i1_misses)),
             r.json.d1_misses,
             many.d1_misses,
             r.json.ll_misses,
@@ -529,6 +565,7 @@ mod tests {
             parse_counts(simulated),
             Some(Counts {
                 ir: 1000.0,
+                i1_misses: 7.0,
                 d1_misses: 60.0,
                 ll_misses: 10.0
             })

@@ -66,6 +66,21 @@ impl ProcGuard {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Stop the child as Kubernetes does: SIGTERM, then (drop) SIGKILL to the group if it
+    /// has not exited within `grace`. A process that exits by itself runs its exit
+    /// handlers: a profiling build writes its profile there.
+    pub fn stop(mut self, grace: Duration) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + grace;
+        while self.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for ProcGuard {
@@ -289,4 +304,32 @@ pub fn pgid_listening_on(port: u16) -> Result<u32, String> {
         }
     }
     Err(format!("no process owns the listener on 127.0.0.1:{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exit handler of a shell stands in for the instrumented sidecar writing its
+    /// profile (bench/pgo.sh): it runs only if the child is stopped by SIGTERM, not killed.
+    #[test]
+    fn stop_lets_the_child_run_its_exit_handler() -> Result<(), String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let (ready, exited) = (dir.path().join("ready"), dir.path().join("exited"));
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "trap 'echo graceful > {}; exit 0' TERM; touch {}; while :; do sleep 0.05; done",
+            exited.display(),
+            ready.display()
+        ));
+        let child = ProcGuard::spawn("sh", cmd, &dir.path().join("log"), false)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.stop(Duration::from_secs(10));
+        let said = fs::read_to_string(&exited).map_err(|e| format!("no exit handler ran: {e}"))?;
+        assert_eq!(said.trim(), "graceful");
+        Ok(())
+    }
 }

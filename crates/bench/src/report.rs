@@ -2,6 +2,7 @@
 //! rounds, ratios to the floor taken round by round (drift hits both alike), pooled
 //! percentiles, CPU per request, peak RSS, errors; and the issue's targets, checked.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use crate::load::LoadResult;
@@ -40,8 +41,12 @@ impl Peer {
         Peer::SidecarB,
     ];
 
-    /// Peers run when `BENCH_PEERS` is not set: all but the A/B one (the last).
-    pub const DEFAULT: &'static [Peer] = Self::ALL.as_slice().split_at(Self::ALL.len() - 1).0;
+    /// Peers run when `BENCH_PEERS` is not set: all but the A/B one (the last), which joins
+    /// them when there is a B build (`BENCH_SIDECAR_B_BIN`).
+    pub fn defaults(with_b: bool) -> &'static [Peer] {
+        let all: &'static [Peer] = &Self::ALL;
+        &all[..if with_b { all.len() } else { all.len() - 1 }]
+    }
 
     pub fn is_sidecar(self) -> bool {
         matches!(
@@ -66,8 +71,8 @@ impl Peer {
         }
     }
 
-    pub fn label(self) -> &'static str {
-        match self {
+    pub fn label(self) -> Cow<'static, str> {
+        Cow::Borrowed(match self {
             Peer::Floor(Path3::Direct) => "floor: straight to upstream",
             Peer::Floor(Path3::Squid) => "floor: through Squid",
             Peer::Floor(Path3::Dante) => "floor: through Dante",
@@ -77,8 +82,8 @@ impl Peer {
             Peer::Sidecar(Path3::Dante) => "sidecar via Dante",
             Peer::SidecarH2 => "sidecar, direct, h2 upstream",
             Peer::SidecarOneWorker => "sidecar, direct, 1 worker",
-            Peer::SidecarB => "sidecar B build, direct",
-        }
+            Peer::SidecarB => return Cow::Owned(sidecar_b_label()),
+        })
     }
 
     /// The floor this peer is compared with.
@@ -90,6 +95,12 @@ impl Peer {
             }
         }
     }
+}
+
+/// What the second build is (`BENCH_SIDECAR_B_LABEL`), e.g. `make bench`'s "sidecar,
+/// direct, no PGO".
+pub fn sidecar_b_label() -> String {
+    std::env::var("BENCH_SIDECAR_B_LABEL").unwrap_or_else(|_| "sidecar B build, direct".into())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,7 +356,7 @@ impl ScenarioResult {
         let mut rows: Vec<Vec<String>> = Vec::new();
         for s in &stats {
             let floor_ttfb = self.stats(s.peer.floor()).map(|f| f.ttfb_p99_ms);
-            let mut r = vec![s.peer.label().to_owned()];
+            let mut r = vec![s.peer.label().into_owned()];
             r.push(format!("{:.0}", s.rps));
             r.push(format!("{:.0}%", s.rps_spread * 100.0));
             r.push(opt(s.ratio, |v| format!("{v:.2}")));

@@ -66,7 +66,8 @@ impl Config {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let default_peers: Vec<&str> = Peer::DEFAULT.iter().map(|p| p.key()).collect();
+        let with_b = std::env::var_os("BENCH_SIDECAR_B_BIN").is_some();
+        let default_peers: Vec<&str> = Peer::defaults(with_b).iter().map(|p| p.key()).collect();
         let peer_keys = env_or("BENCH_PEERS", &default_peers.join(","));
         let mut peers = Vec::new();
         for k in peer_keys.split(',').map(str::trim) {

@@ -20,6 +20,8 @@ pub const SQUID_PASS: &str = "bench-squid-pass";
 pub const DANTE_USER: &str = "ppbench";
 pub const DANTE_PASS: &str = "bench-dante-pass";
 const START: Duration = Duration::from_secs(15);
+/// How long a sidecar may take to exit after SIGTERM once its cell's load has ended.
+const SIDECAR_GRACE: Duration = Duration::from_secs(5);
 
 /// The ~1 KiB JSON nginx answers on `POST /v1/messages` (no `'`, `$` or `\`: it sits in
 /// an nginx single-quoted string).
@@ -288,11 +290,7 @@ impl Bench {
         self.sidecar_starts += 1;
         let addr = loopback(procs::free_port()?);
         let admin = loopback(procs::free_port()?);
-        let bin = match (run, &self.sidecar_b_bin) {
-            (SidecarRun::BuildB, Some(b)) => b,
-            (SidecarRun::BuildB, None) => return Err("no BENCH_SIDECAR_B_BIN to run".into()),
-            _ => &self.sidecar_bin,
-        };
+        let bin = self.sidecar_bin_for(run)?;
         let workers = if run == SidecarRun::OneWorker { 1 } else { 0 };
         let cmd = self.sidecar_command(Command::new(bin), addr, admin, workers);
         let log = self
@@ -306,6 +304,15 @@ impl Bench {
         self.sidecar_addr = addr;
         self.sidecar_admin = admin;
         Ok(())
+    }
+
+    /// The build `run` runs.
+    fn sidecar_bin_for(&self, run: SidecarRun) -> Result<&Path, String> {
+        match (run, &self.sidecar_b_bin) {
+            (SidecarRun::BuildB, Some(b)) => Ok(b),
+            (SidecarRun::BuildB, None) => Err("no BENCH_SIDECAR_B_BIN to run".into()),
+            _ => Ok(&self.sidecar_bin),
+        }
     }
 
     /// `cmd` (the sidecar binary, or a tool that runs it: its arguments so far) with the
@@ -333,12 +340,13 @@ impl Bench {
         cmd
     }
 
-    /// The sidecar under `tool` (e.g. valgrind and its arguments), on fresh ports; returns
-    /// its data and admin addresses once it is ready (within `timeout`: tools are slow to
-    /// start).
+    /// The sidecar build `run` under `tool` (e.g. valgrind and its arguments), on fresh
+    /// ports; returns its data and admin addresses once it is ready (within `timeout`:
+    /// tools are slow to start).
     pub fn spawn_sidecar_under(
         &self,
         tool: &[String],
+        run: SidecarRun,
         log: &Path,
         timeout: Duration,
     ) -> Result<(ProcGuard, SocketAddr, SocketAddr), String> {
@@ -346,7 +354,7 @@ impl Bench {
             .split_first()
             .ok_or("no tool to run the sidecar under")?;
         let mut cmd = Command::new(program);
-        cmd.args(args).arg(&self.sidecar_bin);
+        cmd.args(args).arg(self.sidecar_bin_for(run)?);
         let addr = loopback(procs::free_port()?);
         let admin = loopback(procs::free_port()?);
         let cmd = self.sidecar_command(cmd, addr, admin, 0);
@@ -382,7 +390,9 @@ impl Bench {
     }
 
     pub fn stop_sidecar(&mut self) {
-        self.sidecar = None;
+        if let Some(sidecar) = self.sidecar.take() {
+            sidecar.stop(SIDECAR_GRACE);
+        }
     }
 
     pub fn sidecar_group(&self) -> Option<Group> {
