@@ -32,9 +32,10 @@ find_profdata() {
     # A profile from one LLVM major version is unreadable to another.
     if "$c" --version 2>/dev/null | grep -q "LLVM version $llvm_major\."; then
       echo "$c"
-      return
+      return 0
     fi
   done
+  return 0
 }
 profdata=$(find_profdata)
 if [ -z "$profdata" ] && command -v apt-get >/dev/null; then
