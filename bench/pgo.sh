@@ -78,6 +78,7 @@ train_and_merge() {
   if ! LLVM_PROFILE_FILE="$pgo/profiles/sidecar-%p-%m.profraw" \
     BENCH_SIDECAR_BIN="$pgo/instrumented/release/provider-proxy" \
     BENCH_PEERS=sidecar,sidecar-squid,sidecar-dante,sidecar-h2 \
+    BENCH_SCENARIOS=json-32,json-256,sse-32,sse-256 BENCH_SIDECAR_LOG=warn \
     BENCH_SECONDS=1 BENCH_WARMUP=0.3 BENCH_ROUNDS=1 BENCH_OUT="$pgo/training" \
     "$target/release/provider-proxy-bench" run >"$pgo/training.log" 2>&1; then
     tail -20 "$pgo/training.log" >&2

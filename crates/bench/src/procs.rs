@@ -69,15 +69,21 @@ impl ProcGuard {
 
     /// Stop the child as Kubernetes does: SIGTERM, then (drop) SIGKILL to the group if it
     /// has not exited within `grace`. A process that exits by itself runs its exit
-    /// handlers: a profiling build writes its profile there.
-    pub fn stop(mut self, grace: Duration) {
+    /// handlers: a profiling build writes its profile there. Whether it did, in time.
+    pub fn stop(mut self, grace: Duration) -> bool {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
         let deadline = Instant::now() + grace;
-        while self.exited().is_none() && Instant::now() < deadline {
+        loop {
+            if self.exited().is_some() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -327,7 +333,10 @@ mod tests {
         while !ready.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        child.stop(Duration::from_secs(10));
+        assert!(
+            child.stop(Duration::from_secs(10)),
+            "exited within the grace"
+        );
         let said = fs::read_to_string(&exited).map_err(|e| format!("no exit handler ran: {e}"))?;
         assert_eq!(said.trim(), "graceful");
         Ok(())

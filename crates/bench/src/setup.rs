@@ -390,8 +390,13 @@ impl Bench {
     }
 
     pub fn stop_sidecar(&mut self) {
-        if let Some(sidecar) = self.sidecar.take() {
-            sidecar.stop(SIDECAR_GRACE);
+        // Its load has ended, so an exit that takes longer is a shutdown that hangs.
+        if let Some(sidecar) = self.sidecar.take()
+            && !sidecar.stop(SIDECAR_GRACE)
+        {
+            eprintln!(
+                "bench: WARNING: the sidecar did not exit within {SIDECAR_GRACE:?} of SIGTERM (killed)"
+            );
         }
     }
 
