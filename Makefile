@@ -123,7 +123,6 @@ bench-micro: ## Micro-benchmarks of the sidecar's hot functions (divan).
 # ---------------------------------------------------------------- fuzzing and soak (issue 10)
 FUZZ_SECONDS ?= 60
 SOAK_SECONDS ?= 600
-SOAK_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 .PHONY: fuzz fuzz-ci fuzz-tool soak
 
 fuzz-tool:
@@ -135,8 +134,7 @@ fuzz: fuzz-tool ## Run every cargo-fuzz target (fuzz/) for FUZZ_SECONDS (60) eac
 fuzz-ci: fuzz-tool ## Every fuzz target briefly (10 s each), as CI runs it.
 	fuzz/run.sh 10
 
-soak: ## 1000 SSE streams + JSON via Squid through the release sidecar for SOAK_SECONDS (600); see bench/SOAK.md.
-	$(CARGO) build --release --locked -p provider-proxy
+soak: release ## 1000 SSE streams + JSON via Squid through the shipped (PGO) sidecar for SOAK_SECONDS (600); see bench/SOAK.md.
 	ulimit -n $$(ulimit -Hn); \
-	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_SIDECAR_BIN=$(SOAK_TARGET_DIR)/release/provider-proxy \
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_SIDECAR_BIN=$${SOAK_SIDECAR_BIN:-$(PGO_BIN)} \
 	  $(CARGO) test --locked -p provider-proxy-tests --test e2e soak:: -- --ignored --nocapture
