@@ -25,14 +25,21 @@ pgo=$target/pgo
 
 # PGO=off: the plain release build in the same place, for a toolchain without llvm-tools
 # (cross builds, say). It is ~20 % slower per request; say so.
-if [ "${PGO:-on}" = off ]; then
-  echo "pgo: PGO=off: plain release build, without the profile (~20 % more CPU per request)" >&2
-  "$cargo" build --release --locked -p provider-proxy
-  mkdir -p "$pgo"
-  install -m 0755 "$target/release/provider-proxy" "$pgo/provider-proxy"
-  echo "pgo: wrote $pgo/provider-proxy (no PGO)"
-  exit 0
-fi
+case "${PGO:-on}" in
+  on) ;;
+  off)
+    echo "pgo: PGO=off: plain release build, without the profile (~20 % more CPU per request)" >&2
+    "$cargo" build --release --locked -p provider-proxy
+    mkdir -p "$pgo"
+    install -m 0755 "$target/release/provider-proxy" "$pgo/provider-proxy"
+    echo "pgo: wrote $pgo/provider-proxy (no PGO)"
+    exit 0
+    ;;
+  *)
+    echo "pgo: PGO is on or off, not ${PGO}" >&2
+    exit 2
+    ;;
+esac
 
 llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 host=$(rustc -vV | sed -n 's/^host: //p')
