@@ -81,7 +81,8 @@ impl Counted {
         match self {
             Counted::Nginx => format!("/{kind}/v1/messages"),
             Counted::Sidecar(p) => format!("/{kind}-{}/v1/messages", p.as_str()),
-            Counted::SidecarB => format!("/{kind}-{}/v1/messages", Path3::Direct.as_str()),
+            // Build B on the same route as the direct row it is compared with.
+            Counted::SidecarB => Counted::Sidecar(Path3::Direct).path(kind),
         }
     }
 }

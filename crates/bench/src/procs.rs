@@ -71,11 +71,7 @@ impl ProcGuard {
     /// has not exited within `grace`. A process that exits by itself runs its exit
     /// handlers: a profiling build writes its profile there. Whether it did, in time.
     pub fn stop(mut self, grace: Duration) -> bool {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        signal("-TERM", &self.child.id().to_string());
         let deadline = Instant::now() + grace;
         loop {
             if self.exited().is_some() {
@@ -97,10 +93,16 @@ impl Drop for ProcGuard {
     }
 }
 
-/// SIGKILL to process group `pgid` (unsafe code is forbidden, so through kill(1)).
+/// SIGKILL to process group `pgid`.
 pub fn kill_group(pgid: u32) {
+    signal("-KILL", &format!("-{pgid}"));
+}
+
+/// `kill SIGNAL -- TARGET` (a pid, or `-pgid` for a group): unsafe code is forbidden, so
+/// through kill(1).
+fn signal(signal: &str, target: &str) {
     let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
+        .args([signal, "--", target])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
