@@ -3,12 +3,20 @@
 //! Connections go plain to a forwarder, or over TLS straight to the upstream, optionally
 //! through an HTTP CONNECT (Basic auth) or SOCKS5 (username/password) proxy: the floors.
 //!
+//! The generator shares the two cores with everything it measures, so what it spends is
+//! taken from them: it runs as the sidecar's workers do, [`THREADS`] threads each with its
+//! own single-threaded runtime, and a connection's I/O is driven in the task that sends on
+//! it ([`Conn::drive`]), so an SSE event costs one task poll on one thread, not a wake-up
+//! of a second task, possibly on the other thread.
+//!
 //! Only requests that *complete* inside the measured window count; every wait is bounded
-//! by the window's end, and a connection's I/O task is aborted when its worker ends.
+//! by the window's end, and a connection is dropped with its worker.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -132,8 +140,12 @@ impl RequestTemplate {
     }
 }
 
+/// Threads of the load generator: one per core of the development machine.
+pub const THREADS: usize = 2;
+
 /// Run `conns` connections against `target` until `end`, counting what completes in
-/// `[start, end]`. Connection `i` starts at `i / conns` of `ramp` from now.
+/// `[start, end]`. Connection `i` starts at `i / conns` of `ramp` from now, on thread
+/// `i % THREADS`.
 pub async fn run(
     target: Arc<Target>,
     template: Arc<RequestTemplate>,
@@ -143,34 +155,99 @@ pub async fn run(
     start: Instant,
     end: Instant,
 ) -> LoadResult {
-    let mut tasks = tokio::task::JoinSet::new();
     let now = Instant::now();
-    for i in 0..conns {
-        let (t, r) = (target.clone(), template.clone());
-        let at = now + ramp.mul_f64(i as f64 / conns.max(1) as f64);
-        tasks.spawn(async move {
-            tokio::time::sleep_until(at.min(end)).await;
-            worker(t, r, expect, start, end).await
-        });
+    let mut threads = Vec::with_capacity(THREADS);
+    for t in 0..THREADS.min(conns) {
+        let (target, template) = (target.clone(), template.clone());
+        let (done, result) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("load-{t}"))
+            .spawn(move || {
+                let r = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(async move {
+                        let mut tasks = tokio::task::JoinSet::new();
+                        for i in (t..conns).step_by(THREADS) {
+                            let (t, r) = (target.clone(), template.clone());
+                            let at = now + ramp.mul_f64(i as f64 / conns as f64);
+                            tasks.spawn(async move {
+                                tokio::time::sleep_until(at.min(end)).await;
+                                worker(t, r, expect, start, end).await
+                            });
+                        }
+                        let mut total = LoadResult::default();
+                        while let Some(r) = tasks.join_next().await {
+                            match r {
+                                Ok(r) => total.merge(r),
+                                Err(e) => total.error(format!("load task failed: {e}")),
+                            }
+                        }
+                        total
+                    }),
+                    Err(e) => {
+                        let mut r = LoadResult::default();
+                        r.error(format!("load runtime: {e}"));
+                        r
+                    }
+                };
+                let _ = done.send(r);
+            });
+        match spawned {
+            Ok(_) => threads.push(result),
+            Err(e) => {
+                let mut r = LoadResult::default();
+                r.error(format!("load thread: {e}"));
+                return r;
+            }
+        }
     }
     let mut total = LoadResult::default();
-    while let Some(r) = tasks.join_next().await {
-        match r {
+    for t in threads {
+        match t.await {
             Ok(r) => total.merge(r),
-            Err(e) => total.error(format!("load task failed: {e}")),
+            Err(_) => total.error("load thread panicked".to_owned()),
         }
     }
     total
 }
 
+/// The future that does a connection's I/O: hyper's `Connection`, polled by [`Conn::drive`].
+type ConnIo = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
-    io_task: tokio::task::JoinHandle<()>,
+    /// `None` once the connection has ended.
+    io: Option<ConnIo>,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.io_task.abort();
+impl Conn {
+    /// Run `fut` (which uses `self.sender`) with the connection's I/O polled in the same
+    /// task, before `fut`, so the bytes a wake-up brings are read and then consumed in one
+    /// poll.
+    async fn drive<F: Future>(io: &mut Option<ConnIo>, fut: F) -> Result<F::Output, String> {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            let mut ended = None;
+            if let Some(c) = io.as_mut()
+                && let Poll::Ready(r) = c.as_mut().poll(cx)
+            {
+                *io = None;
+                ended = Some(r);
+            }
+            // Polled even after the connection ended: hyper has then failed the request,
+            // and `fut` says how.
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            match (ended, io.is_none()) {
+                (Some(Err(e)), _) => Poll::Ready(Err(format!("connection failed: {e}"))),
+                (_, true) => Poll::Ready(Err("connection closed".to_owned())),
+                _ => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 
@@ -199,7 +276,8 @@ async fn worker(
         };
         let req = request(&target, &template);
         let sent = Instant::now();
-        match timeout_at(end, exchange(&mut c.sender, req, expect, sent)).await {
+        let done = Conn::drive(&mut c.io, exchange(&mut c.sender, req, expect, sent));
+        match timeout_at(end, done).await.map(|r| r.and_then(|r| r)) {
             Err(_) => break,
             Ok(Ok(ttfb)) => {
                 let done = Instant::now();
@@ -251,11 +329,16 @@ impl Sequential {
         expect: Expect,
         n: u64,
     ) -> Result<(), String> {
+        let c = &mut self.conn;
         for i in 0..n {
             let req = request(target, template);
-            exchange(&mut self.conn.sender, req, expect, Instant::now())
-                .await
-                .map_err(|e| format!("request {} of {n}: {e}", i + 1))?;
+            Conn::drive(
+                &mut c.io,
+                exchange(&mut c.sender, req, expect, Instant::now()),
+            )
+            .await
+            .and_then(|r| r)
+            .map_err(|e| format!("request {} of {n}: {e}", i + 1))?;
         }
         Ok(())
     }
@@ -419,10 +502,10 @@ async fn connect(t: &Target) -> Result<Conn, String> {
     let (sender, conn) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
-    let io_task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(Conn { sender, io_task })
+    Ok(Conn {
+        sender,
+        io: Some(Box::pin(conn)),
+    })
 }
 
 async fn http_connect(tcp: &mut TcpStream, to: SocketAddr, auth: &str) -> Result<(), String> {
@@ -467,6 +550,94 @@ mod tests {
             }
             c.finish().unwrap();
         }
+    }
+
+    /// A plain HTTP/1.1 server: `/json` answers 1000 bytes, `/short` 999, `/sse` five
+    /// events 1 ms apart. Returns its address and a count of the connections it accepted.
+    async fn server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use http_body_util::combinators::BoxBody;
+        use hyper::body::Incoming;
+        use std::convert::Infallible;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let body: BoxBody<Bytes, Infallible> = match req.uri().path() {
+                        "/sse" => crate::sse::SseBody::new(5, Duration::from_millis(1)).boxed(),
+                        "/short" => Full::new(Bytes::from(vec![b'x'; 999])).boxed(),
+                        _ => Full::new(Bytes::from(vec![b'x'; 1000])).boxed(),
+                    };
+                    Ok::<_, Infallible>(hyper::Response::new(body))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn target(addr: SocketAddr, path: &'static str) -> Arc<Target> {
+        Arc::new(Target {
+            connect: addr,
+            via: Via::Direct,
+            upstream: addr,
+            tls: None,
+            path: Uri::from_static(path),
+            host: HeaderValue::from_static("bench.test"),
+        })
+    }
+
+    async fn load(t: Arc<Target>, stream: bool, expect: Expect, conns: usize) -> LoadResult {
+        let start = Instant::now();
+        let end = start + Duration::from_millis(300);
+        let template = Arc::new(RequestTemplate::new(stream));
+        run(t, template, expect, conns, Duration::ZERO, start, end).await
+    }
+
+    #[tokio::test]
+    async fn load_keeps_its_connections_alive_and_counts_good_answers() {
+        let (addr, accepted) = server().await;
+        let r = load(target(addr, "/json"), false, Expect::Json { len: 1000 }, 5).await;
+        assert_eq!(r.errors, 0, "{:?}", r.error_kinds);
+        assert!(r.ok >= 5, "{} requests", r.ok);
+        assert_eq!(r.latency_us.len() as u64, r.ok);
+        // One connection each, reused: the I/O is driven between and during requests.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+
+        let r = load(target(addr, "/sse"), true, Expect::Sse { events: 5 }, 3).await;
+        assert_eq!(r.errors, 0, "{:?}", r.error_kinds);
+        assert!(r.ok >= 3, "{} streams", r.ok);
+        assert_eq!(r.ttfb_us.len() as u64, r.ok);
+        // Five events 1 ms apart: a whole stream takes at least 4 ms, its first byte less.
+        assert!(
+            r.latency_us.iter().all(|&l| l >= 4000),
+            "{:?}",
+            r.latency_us
+        );
+    }
+
+    #[tokio::test]
+    async fn load_counts_wrong_answers_as_errors() {
+        let (addr, _) = server().await;
+        let r = load(target(addr, "/short"), false, Expect::Json { len: 1000 }, 2).await;
+        assert_eq!(r.ok, 0);
+        assert!(r.errors >= 2);
+        assert!(
+            r.error_kinds
+                .keys()
+                .all(|k| k == "body of 999 bytes, expected 1000"),
+            "{:?}",
+            r.error_kinds
+        );
+        let r = load(target(addr, "/json"), true, Expect::Sse { events: 5 }, 1).await;
+        assert_eq!(r.ok, 0);
+        assert!(r.errors >= 1, "{:?}", r.error_kinds);
     }
 
     #[test]

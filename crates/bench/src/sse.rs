@@ -38,7 +38,7 @@ pub fn event(seq: u32) -> Bytes {
 }
 
 /// The paced event stream.
-struct SseBody {
+pub(crate) struct SseBody {
     next: u32,
     total: u32,
     start: Instant,
@@ -47,7 +47,7 @@ struct SseBody {
 }
 
 impl SseBody {
-    fn new(total: u32, interval: Duration) -> Self {
+    pub(crate) fn new(total: u32, interval: Duration) -> Self {
         let start = Instant::now();
         Self {
             next: 0,
