@@ -352,13 +352,8 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     let target = match target_for(b, peer, sc) {
         Ok(t) => Arc::new(t),
         Err(e) => {
-            let load = load::LoadResult {
-                errors: 1,
-                error_kinds: [(e, 1)].into(),
-                ..Default::default()
-            };
             return Cell {
-                load,
+                load: load::LoadResult::failed(e),
                 window: cfg.seconds,
                 fwd_cpu: None,
                 proxy_cpu: None,
