@@ -231,9 +231,10 @@ struct Conn {
 }
 
 impl Conn {
-    /// Run `fut` (which uses `self.sender`) with the connection's I/O polled in the same
-    /// task, before `fut`, so the bytes a wake-up brings are read and then consumed in one
-    /// poll.
+    /// Run `fut`, an exchange on a connection's `sender`, with that connection's `io`
+    /// polled in the same task before it, so the bytes a wake-up brings are read and then
+    /// consumed in one poll. (It takes the two halves apart because `fut` borrows
+    /// `sender`.)
     async fn drive<F: Future>(io: &mut Option<ConnIo>, fut: F) -> Result<F::Output, String> {
         let mut fut = std::pin::pin!(fut);
         std::future::poll_fn(|cx| {
