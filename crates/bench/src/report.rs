@@ -157,6 +157,13 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// This cell's first-byte p99 (NaN without SSE samples).
+    pub fn ttfb_p99_ms(&self) -> f64 {
+        let mut t = self.load.ttfb_us.clone();
+        t.sort_unstable();
+        percentile_ms(&t, 99.0)
+    }
+
     pub fn rps(&self) -> f64 {
         self.load.ok as f64 / self.window
     }
@@ -185,6 +192,10 @@ pub struct RowStats {
     pub p99_ms: f64,
     pub ttfb_p50_ms: f64,
     pub ttfb_p99_ms: f64,
+    /// First-byte p99 ÷ the floor's, round by round (a round's cells run back to back):
+    /// one burst of the host's noise in one cell moves the pooled p99 of that row, not
+    /// these.
+    pub ttfb_p99_ratios: Option<Vec<f64>>,
     pub fwd_us: Option<f64>,
     pub fwd_us_spread: Option<f64>,
     pub fwd_rss_mib: Option<f64>,
@@ -262,6 +273,13 @@ impl ScenarioResult {
             .flat_map(|c| c.load.ttfb_us.iter().copied())
             .collect();
         ttfb.sort_unstable();
+        let ttfb_p99_ratios = self.cells(peer.floor()).map(|floor| {
+            cells
+                .iter()
+                .zip(floor)
+                .map(|(c, f)| c.ttfb_p99_ms() / f.ttfb_p99_ms())
+                .collect()
+        });
         let ok: u64 = cells.iter().map(|c| c.load.ok).sum();
         let per_req = |f: &dyn Fn(&Cell) -> Option<f64>| -> Option<f64> {
             let total: Option<f64> = cells.iter().map(f).sum();
@@ -281,6 +299,7 @@ impl ScenarioResult {
             p99_ms: percentile_ms(&lat, 99.0),
             ttfb_p50_ms: percentile_ms(&ttfb, 50.0),
             ttfb_p99_ms: percentile_ms(&ttfb, 99.0),
+            ttfb_p99_ratios,
             fwd_us: per_req(&|c| c.fwd_cpu),
             fwd_us_spread: fwd_rounds.map(|v| spread(&v)),
             fwd_rss_mib: cells
@@ -333,6 +352,7 @@ impl ScenarioResult {
                 "first byte p50 ms",
                 "first byte p99 ms",
                 "p99 × floor",
+                "± rounds",
                 "stream p50 ms",
                 "stream p99 ms",
             ]
@@ -355,7 +375,6 @@ impl ScenarioResult {
         let stats = self.all_stats();
         let mut rows: Vec<Vec<String>> = Vec::new();
         for s in &stats {
-            let floor_ttfb = self.stats(s.peer.floor()).map(|f| f.ttfb_p99_ms);
             let mut r = vec![s.peer.label().into_owned()];
             r.push(format!("{:.0}", s.rps));
             r.push(format!("{:.0}%", s.rps_spread * 100.0));
@@ -363,7 +382,9 @@ impl ScenarioResult {
             if sse {
                 r.push(format!("{:.2}", s.ttfb_p50_ms));
                 r.push(format!("{:.2}", s.ttfb_p99_ms));
-                r.push(opt(floor_ttfb, |f| format!("{:.2}", s.ttfb_p99_ms / f)));
+                let ratios = s.ttfb_p99_ratios.as_deref();
+                r.push(opt(ratios.map(median), |v| format!("{v:.2}")));
+                r.push(opt(ratios.map(spread), |v| format!("{:.0}%", v * 100.0)));
             }
             r.push(format!("{:.2}", s.p50_ms));
             r.push(format!("{:.2}", s.p99_ms));
@@ -560,19 +581,23 @@ pub fn targets(results: &[ScenarioResult]) -> Vec<Verdict> {
             }
         } else if r.scenario.conns >= 256 {
             for p in [Path3::Direct, Path3::Squid, Path3::Dante] {
-                if let (Some(s), Some(f)) = (r.stats(side(p)), r.stats(Peer::Floor(p))) {
+                if let (Some(s), Some(f)) = (r.stats(side(p)), r.stats(Peer::Floor(p)))
+                    && let Some(rounds) = s.ttfb_p99_ratios.as_deref()
+                {
+                    let ratio = median(rounds);
+                    let each: Vec<String> = rounds.iter().map(|x| format!("{x:.2}")).collect();
                     v.push(Verdict {
                         target: format!(
                             "{name}: sidecar {} first-byte p99 ≤ 2 × floor's",
                             p.as_str()
                         ),
                         measured: format!(
-                            "{:.2} vs {:.2} ms ({:.2}×)",
+                            "{ratio:.2}× (rounds {}; pooled {:.2} vs {:.2} ms)",
+                            each.join(", "),
                             s.ttfb_p99_ms,
                             f.ttfb_p99_ms,
-                            s.ttfb_p99_ms / f.ttfb_p99_ms
                         ),
-                        met: s.ttfb_p99_ms <= 2.0 * f.ttfb_p99_ms,
+                        met: ratio <= 2.0,
                     });
                 }
             }
@@ -638,5 +663,70 @@ mod tests {
         assert_eq!(percentile_ms(&v, 99.0), 99.0);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert!((spread(&[90.0, 100.0, 110.0]) - 0.2).abs() < 1e-9);
+    }
+
+    /// An SSE cell whose 100 streams all had their first byte after `ttfb_us`.
+    fn sse_cell(ttfb_us: u32) -> Cell {
+        Cell {
+            load: LoadResult {
+                ok: 100,
+                ttfb_us: vec![ttfb_us; 100],
+                latency_us: vec![100_000; 100],
+                ..LoadResult::default()
+            },
+            window: 1.0,
+            fwd_cpu: None,
+            proxy_cpu: None,
+            up_cpu: 0.0,
+            gen_cpu: 0.0,
+            fwd_rss_kib: None,
+            upstream_conns: None,
+            fwd_sched_wait: None,
+            fwd_runs: None,
+            fwd_sys: None,
+            machine_busy: None,
+        }
+    }
+
+    fn sse_256(floor_us: [u32; 3], sidecar_us: [u32; 3]) -> ScenarioResult {
+        ScenarioResult {
+            scenario: Scenario {
+                sse: true,
+                conns: 256,
+            },
+            rows: vec![
+                (Peer::Floor(Path3::Direct), floor_us.map(sse_cell).into()),
+                (
+                    Peer::Sidecar(Path3::Direct),
+                    sidecar_us.map(sse_cell).into(),
+                ),
+            ],
+        }
+    }
+
+    fn first_byte_verdict(r: ScenarioResult) -> Verdict {
+        targets(&[r])
+            .into_iter()
+            .find(|v| v.target.contains("direct first-byte"))
+            .unwrap()
+    }
+
+    #[test]
+    fn first_byte_target_is_judged_round_by_round() {
+        // The floor at 1 ms every round; the sidecar at 1.5 ms, except one round in which
+        // the host stalled it to 20 ms: pooled its p99 is 20×, round by round 1.5, 20, 1.5.
+        let r = sse_256([1000; 3], [1500, 20_000, 1500]);
+        let s = r.stats(Peer::Sidecar(Path3::Direct)).unwrap();
+        assert_eq!(s.ttfb_p99_ms, 20.0);
+        assert_eq!(s.ttfb_p99_ratios.as_deref(), Some(&[1.5, 20.0, 1.5][..]));
+        let v = first_byte_verdict(r);
+        assert!(v.met);
+        assert_eq!(
+            v.measured,
+            "1.50× (rounds 1.50, 20.00, 1.50; pooled 20.00 vs 1.00 ms)"
+        );
+        // Slow in two rounds of three, or in all, misses.
+        assert!(!first_byte_verdict(sse_256([1000; 3], [1500, 2500, 2500])).met);
+        assert!(!first_byte_verdict(sse_256([1000; 3], [2500; 3])).met);
     }
 }

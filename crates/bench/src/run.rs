@@ -538,7 +538,9 @@ fn render(cfg: &Config, results: &[ScenarioResult]) -> String {
     md.push_str(
         "Columns: req/s median of rounds and its spread ((max−min)/median); × floor: median over rounds of \
          req/s ÷ the floor's in the same round (sidecar/nginx direct vs straight to upstream, via Squid/Dante \
-         vs straight through that proxy); latencies pooled over rounds; fwd CPU: utime+stime of the forwarder \
+         vs straight through that proxy); latencies pooled over rounds; first byte p99 × floor: median over rounds \
+         of the cell's first-byte p99 ÷ the floor's in the same round, and its spread (one burst of the \
+         host's noise in one cell moves the pooled p99, not the median ratio); fwd CPU: utime+stime of the forwarder \
          from /proc over the measured window ÷ requests; fwd peak RSS: VmHWM (summed over nginx's processes); \
          proxy CPU: Squid's / Dante's; upstream CPU: % of one core; upstream conns: connections the sidecar \
          (started fresh for each of its cells) opened; fwd kernel: share of the forwarder's CPU time in \
