@@ -157,6 +157,25 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// A cell with only the load's figures: no process was measured (it could not run, or
+    /// a test builds it).
+    pub fn load_only(load: LoadResult, window: f64) -> Self {
+        Self {
+            load,
+            window,
+            fwd_cpu: None,
+            proxy_cpu: None,
+            up_cpu: 0.0,
+            gen_cpu: 0.0,
+            fwd_rss_kib: None,
+            upstream_conns: None,
+            fwd_sched_wait: None,
+            fwd_runs: None,
+            fwd_sys: None,
+            machine_busy: None,
+        }
+    }
+
     /// This cell's first-byte p99 (NaN without SSE samples).
     pub fn ttfb_p99_ms(&self) -> f64 {
         let mut t = self.load.ttfb_us.clone();
@@ -667,25 +686,13 @@ mod tests {
 
     /// An SSE cell whose 100 streams all had their first byte after `ttfb_us`.
     fn sse_cell(ttfb_us: u32) -> Cell {
-        Cell {
-            load: LoadResult {
-                ok: 100,
-                ttfb_us: vec![ttfb_us; 100],
-                latency_us: vec![100_000; 100],
-                ..LoadResult::default()
-            },
-            window: 1.0,
-            fwd_cpu: None,
-            proxy_cpu: None,
-            up_cpu: 0.0,
-            gen_cpu: 0.0,
-            fwd_rss_kib: None,
-            upstream_conns: None,
-            fwd_sched_wait: None,
-            fwd_runs: None,
-            fwd_sys: None,
-            machine_busy: None,
-        }
+        let load = LoadResult {
+            ok: 100,
+            ttfb_us: vec![ttfb_us; 100],
+            latency_us: vec![100_000; 100],
+            ..LoadResult::default()
+        };
+        Cell::load_only(load, 1.0)
     }
 
     fn sse_256(floor_us: [u32; 3], sidecar_us: [u32; 3]) -> ScenarioResult {

@@ -352,20 +352,7 @@ async fn run_cell(b: &Bench, peer: Peer, sc: Scenario, cfg: &Config, ticks: f64)
     let target = match target_for(b, peer, sc) {
         Ok(t) => Arc::new(t),
         Err(e) => {
-            return Cell {
-                load: load::LoadResult::failed(e),
-                window: cfg.seconds,
-                fwd_cpu: None,
-                proxy_cpu: None,
-                up_cpu: 0.0,
-                gen_cpu: 0.0,
-                fwd_rss_kib: None,
-                upstream_conns: None,
-                fwd_sched_wait: None,
-                fwd_runs: None,
-                fwd_sys: None,
-                machine_busy: None,
-            };
+            return Cell::load_only(load::LoadResult::failed(e), cfg.seconds);
         }
     };
     let (fwd, proxy, up) = (fwd_group(b, peer), proxy_group(b, peer), up_group(b, sc));
