@@ -172,10 +172,19 @@ pub async fn run(
     start: Instant,
     end: Instant,
 ) -> LoadResult {
-    let now = Instant::now();
+    let plan = Plan {
+        target,
+        template,
+        expect,
+        conns,
+        ramp,
+        began: Instant::now(),
+        start,
+        end,
+    };
     let mut threads = Vec::with_capacity(THREADS);
     for t in 0..THREADS.min(conns) {
-        let (target, template) = (target.clone(), template.clone());
+        let plan = plan.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name(format!("load-{t}"))
@@ -184,24 +193,7 @@ pub async fn run(
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(async move {
-                        let mut tasks = tokio::task::JoinSet::new();
-                        for i in (t..conns).step_by(THREADS) {
-                            let (t, r) = (target.clone(), template.clone());
-                            let at = now + ramp.mul_f64(i as f64 / conns as f64);
-                            tasks.spawn(async move {
-                                tokio::time::sleep_until(at.min(end)).await;
-                                worker(t, r, expect, start, end).await
-                            });
-                        }
-                        let mut total = LoadResult::default();
-                        while let Some(r) = tasks.join_next().await {
-                            total.merge(r.unwrap_or_else(|e| {
-                                LoadResult::failed(format!("load task failed: {e}"))
-                            }));
-                        }
-                        total
-                    }),
+                    Ok(rt) => rt.block_on(plan.run_share(t)),
                     Err(e) => LoadResult::failed(format!("load runtime: {e}")),
                 };
                 let _ = done.send(r);
@@ -219,6 +211,41 @@ pub async fn run(
         );
     }
     total
+}
+
+/// One [`run`], as each of its threads sees it.
+#[derive(Clone)]
+struct Plan {
+    target: Arc<Target>,
+    template: Arc<RequestTemplate>,
+    expect: Expect,
+    conns: usize,
+    ramp: Duration,
+    /// When the run was called: the ramp counts from here.
+    began: Instant,
+    start: Instant,
+    end: Instant,
+}
+
+impl Plan {
+    /// Connections `t`, `t + THREADS`, … of the run, on the calling thread's runtime.
+    async fn run_share(self, t: usize) -> LoadResult {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in (t..self.conns).step_by(THREADS) {
+            let (target, template) = (self.target.clone(), self.template.clone());
+            let (expect, start, end) = (self.expect, self.start, self.end);
+            let at = self.began + self.ramp.mul_f64(i as f64 / self.conns as f64);
+            tasks.spawn(async move {
+                tokio::time::sleep_until(at.min(end)).await;
+                worker(target, template, expect, start, end).await
+            });
+        }
+        let mut total = LoadResult::default();
+        while let Some(r) = tasks.join_next().await {
+            total.merge(r.unwrap_or_else(|e| LoadResult::failed(format!("load task failed: {e}"))));
+        }
+        total
+    }
 }
 
 /// The future that does a connection's I/O: hyper's `Connection`, polled by [`Conn::drive`].
